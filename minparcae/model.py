@@ -1,0 +1,597 @@
+"""The Parcae model: a prelude, a stable looped recurrent block, a coda. Forward and backward by hand.
+
+    ids ─wte─▶ prelude (n_p blocks) ─RMSNorm─▶ e                      (B, T, d), fixed during the loop
+    h_0 ~ truncated normal                                             (B, T, d_h), "like-init"
+    h_t = R(Ā ⊙ h_{t−1} + B̄ e),  t = 1..T                              R = n_r blocks, shared weights
+    h_T ─C─▶ coda (n_c blocks) ─RMSNorm─▶ logits = x wteᵀ              tied embeddings
+
+Every choice, in one place:
+  * blocks: pre-norm, x += attn(norm1 x); x += mlp(norm2 x); RMSNorm with a weight, eps 1e-5
+  * attention: causal, rotary on adjacent pairs (base 50,000), QK-norm (weightless RMSNorm after
+    rotary), scale 1/√hs, optional grouped-query heads, no biases anywhere
+  * MLP: proj(½ relu(fc x)²), hidden width mlp_ratio × width (4)
+  * injection (ops/injection.py): diagonal (Parcae, ρ(Ā) < 1 by construction), linear or add;
+    "none" is the fixed-depth baseline: the recurrent block runs once on the prelude output, with no
+    norm before it and no C after it, which is exactly a plain (n_p + n_r + n_c)-layer transformer
+  * value embeddings (optional): one table per chosen layer (every other layer counting prelude,
+    core and coda together, the last one included), added to v through 2σ(W_g x[..., :32]), one
+    gate per KV head; the core layers' tables are added again on every loop iteration
+  * init ("scaled-zero"): matrices scaled-orthogonal with entry std √(2/(5·width)), attention and
+    MLP output projections zero, norms one; A_log = 0, dt_bias = softplus⁻¹(−ln √(1/5)) so
+    Ā starts at √(1/5) ≈ 0.447; B identity (orthogonal when not square); C scaled-orthogonal
+  * initial state: truncated normal (±3σ) with the embedding's std in training ("like-init");
+    evaluation uses `eval_state`: "seeded" (the same random draw every time) or "zero"
+  * training depth ("poisson-truncated-full", per sequence): total = max(1, Poisson(μ_rec)),
+    k = min(total, μ_bwd) steps with gradient (the last ones), total − k steps without.
+
+Per-sequence depths are right-aligned: a batch runs S = max(total) steps and sequence b joins at
+step S − total_b, keeping its initial state until then. Each sequence computes exactly its own
+recurrence, and every sequence's steps with gradient fall in the last min(S, μ_bwd) steps of the
+batch. Only those steps keep activations, so activation memory grows with μ_bwd, never with T;
+gradients do not flow into the states before them (truncated backprop through the loop).
+
+Parameters are one flat dict name -> array; matrices are stored (in, out) so a layer is `x @ W`.
+"""
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from . import backend
+from .backend import array_module, to_host
+from .ops import attention, cross_entropy, embedding, injection, mlp, rmsnorm, rotary
+
+INJECTIONS = injection.KINDS + ("none",)
+STATE_INITS = ("like-init", "seeded", "zero")
+EVAL_STATE_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int = 2048
+    context: int = 128
+    d_model: int = 128  # d: embeddings, prelude and coda
+    d_state: int | None = None  # d_h: loop state and recurrent block (None: d_model)
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: n_head (no grouping)
+    mlp_ratio: int = 4
+    n_prelude: int = 1
+    n_recurrent: int = 2
+    n_coda: int = 1
+    mean_recurrence: int = 4  # μ_rec: mean training depth and default evaluation depth
+    backprop_depth: int = 2  # μ_bwd: loop steps with gradient
+    injection: str = "diagonal"  # diagonal | linear | add | none (fixed-depth baseline)
+    state_init: str = "like-init"  # initial state in training
+    eval_state: str = "seeded"  # initial state in evaluation: seeded | zero | like-init
+    tie_embeddings: bool = True
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+    value_embeddings: bool = False
+    rope_base: float = 50_000.0
+
+    def __post_init__(self):
+        d_h, kv = self.d_h, self.kv_heads
+        problems = []
+        if self.injection not in INJECTIONS:
+            problems.append(f"injection must be one of {', '.join(INJECTIONS)}")
+        for w in (self.d_model, d_h):
+            if w % self.n_head or (w // self.n_head) % 2:
+                problems.append(f"width {w} must split into {self.n_head} heads of even size")
+        if self.n_head % kv:
+            problems.append(f"n_kv_head={kv} must divide n_head={self.n_head}")
+        if self.injection in ("add", "none") and d_h != self.d_model:
+            problems.append(f"injection '{self.injection}' needs d_state == d_model")
+        if min(self.mean_recurrence, self.backprop_depth, self.n_recurrent) < 1:
+            problems.append("mean_recurrence, backprop_depth and n_recurrent must be at least 1")
+        if self.state_init not in STATE_INITS or self.eval_state not in STATE_INITS:
+            problems.append(f"state_init and eval_state must be one of {', '.join(STATE_INITS)}")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems) + ".")
+
+    @property
+    def d_h(self):
+        return self.d_state or self.d_model
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def looped(self):
+        return self.injection != "none"
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+PRESETS = {
+    # trains on a 2-core CPU in minutes
+    "tiny": Config(),
+    # a ~10M-parameter model for a patient CPU or a quick GPU run
+    "small-cpu": Config(vocab_size=4096, context=256, d_model=256, n_head=4, n_prelude=2,
+                        n_recurrent=2, n_coda=2),
+    # the paper's sizes; all with μ_rec 8, μ_bwd 4, head size 128 and value embeddings
+    "parcae-140m": Config(vocab_size=32768, context=2048, d_model=768, n_head=6, n_prelude=2,
+                          n_recurrent=2, n_coda=2, mean_recurrence=8, backprop_depth=4,
+                          value_embeddings=True),
+    "parcae-370m": Config(vocab_size=32768, context=2048, d_model=1024, n_head=8, n_prelude=4,
+                          n_recurrent=4, n_coda=4, mean_recurrence=8, backprop_depth=4,
+                          value_embeddings=True),
+    "parcae-770m": Config(vocab_size=32768, context=2048, d_model=1280, n_head=10, n_prelude=6,
+                          n_recurrent=6, n_coda=6, mean_recurrence=8, backprop_depth=4,
+                          value_embeddings=True),
+    "parcae-1.3b": Config(vocab_size=32768, context=2048, d_model=1536, n_head=12, n_prelude=8,
+                          n_recurrent=8, n_coda=8, mean_recurrence=8, backprop_depth=4,
+                          value_embeddings=True),
+}
+
+
+def preset(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}.")
+    return replace(PRESETS[name], **overrides)
+
+
+def fixed_depth_baseline(cfg):
+    """The plain transformer with the same blocks: n_p + n_r + n_c layers, each used once.
+    It has the same block parameters as `cfg`; the looped model adds only B, C, A_log, dt_bias
+    and the prelude norm (compare `count_params` of both)."""
+    return replace(cfg, injection="none", mean_recurrence=1, backprop_depth=1)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def layers(cfg):
+    """(name, width) of every block in order: prelude.i, core.i, coda.i."""
+    return ([(f"prelude.{i}", cfg.d_model) for i in range(cfg.n_prelude)]
+            + [(f"core.{i}", cfg.d_h) for i in range(cfg.n_recurrent)]
+            + [(f"coda.{i}", cfg.d_model) for i in range(cfg.n_coda)])
+
+
+def value_embedding_layers(cfg):
+    """Names of the blocks with a value-embedding table: every other one, counting back from the last."""
+    if not cfg.value_embeddings:
+        return []
+    names = [name for name, _ in layers(cfg)]
+    return [n for i, n in enumerate(names) if (len(names) - 1 - i) % 2 == 0]
+
+
+def _gate_inputs(width):
+    return min(32, width)
+
+
+def param_shapes(cfg):
+    """Every parameter's name and shape, in a stable order (the checkpoint keys)."""
+    V, d, d_h = cfg.vocab_size, cfg.d_model, cfg.d_h
+    ve_layers = value_embedding_layers(cfg)
+    shapes = {"wte": (V, d)}
+    for name, w in layers(cfg):
+        hs = w // cfg.n_head
+        shapes[f"{name}.norm1"] = (w,)
+        shapes[f"{name}.attn.wq"] = (w, cfg.n_head * hs)
+        shapes[f"{name}.attn.wk"] = (w, cfg.kv_heads * hs)
+        shapes[f"{name}.attn.wv"] = (w, cfg.kv_heads * hs)
+        shapes[f"{name}.attn.wo"] = (cfg.n_head * hs, w)
+        if name in ve_layers:
+            shapes[f"{name}.attn.ve_gate"] = (_gate_inputs(w), cfg.kv_heads)
+            shapes[f"ve.{name}"] = (V, cfg.kv_heads * hs)
+        shapes[f"{name}.norm2"] = (w,)
+        shapes[f"{name}.mlp.fc"] = (w, cfg.mlp_ratio * w)
+        shapes[f"{name}.mlp.proj"] = (cfg.mlp_ratio * w, w)
+    if cfg.looped:
+        shapes["prelude_norm"] = (d,)
+        if cfg.injection == "diagonal":
+            shapes.update({"inject.A_log": (d_h,), "inject.dt_bias": (d_h,), "inject.B": (d, d_h)})
+        elif cfg.injection == "linear":
+            shapes["inject.W"] = (d_h + d, d_h)
+        shapes["C"] = (d_h, d)
+    shapes["final_norm"] = (d,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (d, V)
+    return shapes
+
+
+def count_params(cfg):
+    """The parameter count from the architecture's formula (tests check it against param_shapes)."""
+    V, d, d_h, r = cfg.vocab_size, cfg.d_model, cfg.d_h, cfg.mlp_ratio
+    kv_frac = cfg.kv_heads / cfg.n_head
+
+    def block(w):  # two norms, q and o, k and v (grouped), fc and proj
+        return 2 * w + 2 * w * w + 2 * w * w * kv_frac + 2 * r * w * w
+
+    n = V * d + (cfg.n_prelude + cfg.n_coda) * block(d) + cfg.n_recurrent * block(d_h) + d
+    for name in value_embedding_layers(cfg):
+        w = d_h if name.startswith("core") else d
+        n += V * w * kv_frac + _gate_inputs(w) * cfg.kv_heads
+    if cfg.looped:
+        n += d + d_h * d  # prelude norm, C
+        n += {"diagonal": 2 * d_h + d * d_h, "linear": (d_h + d) * d_h, "add": 0}[cfg.injection]
+    if not cfg.tie_embeddings:
+        n += d * V
+    return int(round(n))
+
+
+def init_std(width):
+    return math.sqrt(2.0 / (5.0 * width))
+
+
+def _scaled_orthogonal(rng, n_in, n_out, std):
+    """A matrix with orthonormal rows or columns, scaled so that its entries have std `std`."""
+    a = rng.standard_normal((max(n_in, n_out), min(n_in, n_out)))
+    q, r = np.linalg.qr(a)
+    q = q * np.sign(np.diag(r))  # a uniformly random orthogonal matrix, not QR's biased one
+    q = q if n_in >= n_out else q.T
+    return q * (std * math.sqrt(max(n_in, n_out)))
+
+
+def _identity_or_orthogonal(rng, n_in, n_out):
+    if n_in == n_out:
+        return np.eye(n_in)
+    return _scaled_orthogonal(rng, n_in, n_out, 1.0 / math.sqrt(max(n_in, n_out)))
+
+
+def init_params(cfg, seed=0, dtype=None, xp=None):
+    """A freshly initialised parameter dict (see the module docstring for the scheme)."""
+    rng = np.random.default_rng(seed)
+    dtype = dtype or backend.dtype()
+    xp = xp or backend.get_xp()
+    d, d_h = cfg.d_model, cfg.d_h
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        width = d_h if name.startswith(("core.", "ve.core.")) else d
+        if len(shape) == 1:
+            p = np.ones(shape)
+        elif name.endswith((".attn.wo", ".mlp.proj", ".attn.ve_gate")):
+            p = np.zeros(shape)  # residual branches start as the identity; gates start at 1
+        elif name in ("wte", "lm_head") or name.startswith("ve."):
+            p = rng.standard_normal(shape) * init_std(d if name in ("wte", "lm_head") else width)
+        elif name == "inject.B":
+            p = _identity_or_orthogonal(rng, d, d_h)
+        elif name == "inject.W":  # h rows: identity; e rows: like B
+            p = np.concatenate([np.eye(d_h), _identity_or_orthogonal(rng, d, d_h)])
+        elif name == "C":
+            p = _scaled_orthogonal(rng, d_h, d, init_std(d))
+        else:
+            p = _scaled_orthogonal(rng, *shape, init_std(width))
+        params[name] = p
+    if cfg.injection == "diagonal":
+        params["inject.A_log"] = np.zeros(d_h)
+        # softplus(dt_bias) = Δ0 with Δ0 = −ln √(1/5), so that Ā = exp(−Δ0) = √(1/5) at A_log = 0
+        delta0 = -math.log(math.sqrt(1 / 5))
+        params["inject.dt_bias"] = np.full(d_h, math.log(math.expm1(delta0)))
+    return {k: xp.asarray(v, dtype=dtype) for k, v in params.items()}
+
+
+def initial_state(cfg, shape, mode, rng=None, dtype=np.float32, xp=np):
+    """h_0 of the loop: 'like-init' (truncated normal, ±3σ, σ = the embedding's init std, drawn from
+    `rng`), 'seeded' (the same draw, from a fixed seed, every call) or 'zero'."""
+    if mode == "zero":
+        return xp.zeros(shape, dtype=dtype)
+    if mode == "seeded":
+        rng = np.random.default_rng(EVAL_STATE_SEED)
+    elif rng is None:
+        raise ValueError("a random initial state needs an rng")
+    z = rng.standard_normal(shape)
+    bad = np.abs(z) > 3
+    while bad.any():  # redraw the tails: a truncated normal, not a clipped one
+        z[bad] = rng.standard_normal(int(bad.sum()))
+        bad = np.abs(z) > 3
+    return xp.asarray(z * init_std(cfg.d_model), dtype=dtype)
+
+
+def sample_depths(rng, batch, cfg):
+    """'poisson-truncated-full': each sequence runs max(1, Poisson(μ_rec)) loop steps."""
+    return np.maximum(1, rng.poisson(cfg.mean_recurrence, size=batch))
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def _acc(grads, name, g):
+    grads[name] += g
+
+
+def block_forward(p, name, x, rope, cfg, ve=None):
+    """One pre-norm block: x += attn(norm1 x); x += mlp(norm2 x).  x: (N, T, w)."""
+    a, c_n1 = rmsnorm.forward(x, p[f"{name}.norm1"])
+    y, c_att = attention.forward(a, p[f"{name}.attn.wq"], p[f"{name}.attn.wk"], p[f"{name}.attn.wv"],
+                                 p[f"{name}.attn.wo"], *rope, cfg.n_head, cfg.kv_heads, ve=ve,
+                                 w_gate=p.get(f"{name}.attn.ve_gate"))
+    x = x + y
+    a, c_n2 = rmsnorm.forward(x, p[f"{name}.norm2"])
+    y, c_mlp = mlp.forward(a, p[f"{name}.mlp.fc"], p[f"{name}.mlp.proj"])
+    return x + y, (c_n1, c_att, c_n2, c_mlp)
+
+
+def block_backward(dx, cache, name, grads):
+    """Backward of block_forward: accumulates the block's parameter gradients into `grads`,
+    returns (dL/dx, dL/dve or None)."""
+    c_n1, c_att, c_n2, c_mlp = cache
+    g = mlp.backward(dx, c_mlp)
+    _acc(grads, f"{name}.mlp.fc", g["w_fc"])
+    _acc(grads, f"{name}.mlp.proj", g["w_proj"])
+    g = rmsnorm.backward(g["x"], c_n2)
+    _acc(grads, f"{name}.norm2", g["weight"])
+    dx = dx + g["x"]
+    g = attention.backward(dx, c_att)
+    for w in ("wq", "wk", "wv", "wo"):
+        _acc(grads, f"{name}.attn.{w}", g[w])
+    if "w_gate" in g:
+        _acc(grads, f"{name}.attn.ve_gate", g["w_gate"])
+    gn = rmsnorm.backward(g["x"], c_n1)
+    _acc(grads, f"{name}.norm1", gn["weight"])
+    return dx + gn["x"], g.get("ve")
+
+
+# ----------------------------------------------------------------------------- the model
+
+def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=None, train=False):
+    """Run the model on ids (B, T).
+
+    Depth: `depths` (B,) gives each sequence's loop count; else every sequence runs `n_loops`
+    (default μ_rec). With train=True the last min(depth, μ_bwd) steps of each sequence keep
+    activations for `backward`, and the initial state is cfg.state_init drawn from `rng`;
+    otherwise nothing is kept and the state is cfg.eval_state.
+    Returns (loss if targets is given else logits (B, T, V), cache or None, diagnostics dict).
+    """
+    xp = array_module(p["wte"])
+    dtype = p["wte"].dtype
+    B, T = ids.shape
+    if T > cfg.context:
+        raise ValueError(f"sequence length {T} exceeds the model's context {cfg.context}.")
+    if depths is None:
+        depths = np.full(B, n_loops or cfg.mean_recurrence)
+    depths = np.asarray(to_host(depths), dtype=np.int64)
+    if depths.shape != (B,) or depths.min() < 1:
+        raise ValueError("depths must hold one loop count of at least 1 per sequence.")
+    if not cfg.looped:
+        depths = np.ones(B, dtype=np.int64)  # the fixed-depth baseline runs its blocks once
+    n_grad = cfg.backprop_depth if train else 0
+
+    rope, ve, ve_caches = _position_and_value_tables(p, cfg, ids)
+    caches = {}
+    x = _prelude_forward(p, cfg, ids, rope, ve, caches)
+    if cfg.looped:
+        e, caches["prelude_norm"] = rmsnorm.forward(x, p["prelude_norm"])
+        if h0 is None:
+            h0 = initial_state(cfg, (B, T, cfg.d_h), cfg.state_init if train else cfg.eval_state,
+                               rng, dtype, xp)
+        kind = cfg.injection
+    else:  # plain transformer: the "loop" is one pass of the blocks on the prelude output
+        e, h0, kind = x, xp.zeros_like(x), "add"
+    h, steps, u_cache, diag = loop_forward(p, cfg, kind, e, h0, depths, n_grad, rope[cfg.d_h], ve)
+    if cfg.looped:
+        x, caches["C"] = h @ p["C"], (h,)  # (B, T, d)
+    else:
+        x = h
+    for i in range(cfg.n_coda):
+        name = f"coda.{i}"
+        x, caches[name] = block_forward(p, name, x, rope[cfg.d_model], cfg, ve.get(name))
+    x, caches["final_norm"] = rmsnorm.forward(x, p["final_norm"])
+    head = p["wte"].T if cfg.tie_embeddings else p["lm_head"]  # (d, V)
+    logits = x @ head  # (B, T, V)
+    diag["rho"] = injection.spectral_radius(kind, p) if cfg.looped else 0.0
+
+    if targets is None:
+        out = logits * cfg.logit_scale if cfg.logit_softcap is None else \
+            cfg.logit_softcap * xp.tanh(logits * cfg.logit_scale / cfg.logit_softcap)
+        caches["loss"] = None
+    else:
+        out, caches["loss"] = cross_entropy.forward(logits, targets, scale=cfg.logit_scale,
+                                                    softcap=cfg.logit_softcap)
+        out = float(out)
+    if not train:
+        return out, None, diag
+    cache = dict(caches=caches, steps=steps, u_cache=u_cache, ve_caches=ve_caches, x_final=x,
+                 shape=(B, T))
+    return out, cache, diag
+
+
+def _position_and_value_tables(p, cfg, ids):
+    """Rotary tables per block width, and the value embeddings of the layers that have them."""
+    xp, dtype, T = array_module(p["wte"]), p["wte"].dtype, ids.shape[1]
+    rope = {w: rotary.tables(T, w // cfg.n_head, cfg.rope_base, xp=xp, dtype=dtype)
+            for w in {cfg.d_model, cfg.d_h}}
+    ve, ve_caches = {}, {}
+    for name in value_embedding_layers(cfg):
+        ve[name], ve_caches[name] = embedding.forward(ids, p[f"ve.{name}"])
+    return rope, ve, ve_caches
+
+
+def _prelude_forward(p, cfg, ids, rope, ve, caches):
+    """Token embedding and the prelude blocks: ids (B, T) -> (B, T, d)."""
+    x, caches["wte"] = embedding.forward(ids, p["wte"])
+    for i in range(cfg.n_prelude):
+        name = f"prelude.{i}"
+        x, caches[name] = block_forward(p, name, x, rope[cfg.d_model], cfg, ve.get(name))
+    return x
+
+
+def state_after(p, cfg, ids, n_steps, h0):
+    """The loop state h_n after n_steps iterations from h0 (no gradient kept): for analysis, and
+    for building the truncated loss in the tests."""
+    rope, ve, _ = _position_and_value_tables(p, cfg, ids)
+    x = _prelude_forward(p, cfg, ids, rope, ve, {})
+    e, _ = rmsnorm.forward(x, p["prelude_norm"])
+    depths = np.full(ids.shape[0], n_steps)
+    return loop_forward(p, cfg, cfg.injection, e, h0, depths, 0, rope[cfg.d_h], ve)[0]
+
+
+def loop_forward(p, cfg, kind, e, h, depths, n_grad, rope, ve):
+    """h_t = R(Ā h_{t−1} + B̄ e) for each sequence's own number of steps (right-aligned, see the
+    module docstring). Returns h_T, the caches of the last min(S, n_grad) steps, the injection's
+    input cache and diagnostics."""
+    u, u_cache = injection.input_forward(kind, p, e)  # B̄e: computed once for the whole loop
+    B = h.shape[0]
+    S = int(depths.max())
+    start = S - depths  # sequence b runs steps start_b .. S−1
+    first_cached = S - min(S, n_grad)
+    steps, h_prev = [], h
+    for t in range(S):
+        rows = np.flatnonzero(start <= t)
+        full = len(rows) == B
+        sel = (lambda a: a) if full else (lambda a: a[rows])
+        x, c_state = injection.state_forward(kind, p, sel(h), sel(u))
+        c_blocks = []
+        for i in range(cfg.n_recurrent):
+            name = f"core.{i}"
+            x, c = block_forward(p, name, x, rope, cfg, sel(ve[name]) if name in ve else None)
+            c_blocks.append(c)
+        h_prev = h
+        if full:
+            h = x
+        else:
+            h = h.copy()
+            h[rows] = x  # sequences that have not started keep their state
+        if t >= first_cached:
+            steps.append((None if full else rows, c_state, c_blocks))
+    xp = array_module(h)
+    norm_T = xp.sqrt((h * h).sum(axis=-1))  # (B, T)
+    diag = {"steps": S, "state_norm": float(norm_T.mean()),
+            "residual": float(xp.linalg.norm(h - h_prev) / max(float(xp.linalg.norm(h)), 1e-30))}
+    return h, steps, u_cache, diag
+
+
+def backward(p, cfg, cache):
+    """Gradients of the mean cross-entropy with respect to every parameter (a dict like p)."""
+    xp = array_module(p["wte"])
+    grads = {k: xp.zeros_like(v) for k, v in p.items()}
+    caches = cache["caches"]
+    dlogits = cross_entropy.backward(1.0, caches["loss"])["logits"]  # (B, T, V)
+    x = cache["x_final"]
+    if cfg.tie_embeddings:
+        _acc(grads, "wte", dlogits.reshape(-1, dlogits.shape[-1]).T @ x.reshape(-1, x.shape[-1]))
+        dx = dlogits @ p["wte"]
+    else:
+        _acc(grads, "lm_head", x.reshape(-1, x.shape[-1]).T @ dlogits.reshape(-1, dlogits.shape[-1]))
+        dx = dlogits @ p["lm_head"].T
+    g = rmsnorm.backward(dx, caches["final_norm"])
+    _acc(grads, "final_norm", g["weight"])
+    dx = g["x"]
+    dve = {}  # layer name -> dL/d(value embedding) (B, T, kv·hs), summed over loop steps
+    for i in reversed(range(cfg.n_coda)):
+        name = f"coda.{i}"
+        dx, g_ve = block_backward(dx, caches[name], name, grads)
+        _add_ve(dve, name, g_ve)
+    if cfg.looped:
+        (h,) = caches["C"]
+        _acc(grads, "C", h.reshape(-1, h.shape[-1]).T @ dx.reshape(-1, dx.shape[-1]))
+        dh = dx @ p["C"].T  # (B, T, d_h)
+    else:
+        dh = dx
+
+    de = loop_backward(p, cfg, cache, dh, grads, dve)
+
+    if cfg.looped:
+        g = rmsnorm.backward(de, caches["prelude_norm"])
+        _acc(grads, "prelude_norm", g["weight"])
+        dx = g["x"]
+    else:
+        dx = de
+    for i in reversed(range(cfg.n_prelude)):
+        name = f"prelude.{i}"
+        dx, g_ve = block_backward(dx, caches[name], name, grads)
+        _add_ve(dve, name, g_ve)
+    _acc(grads, "wte", embedding.backward(dx, caches["wte"])["table"])
+    for name, g_ve in dve.items():
+        _acc(grads, f"ve.{name}", embedding.backward(g_ve, cache["ve_caches"][name])["table"])
+    return grads
+
+
+def _add_ve(dve, name, g):
+    if g is not None:
+        dve[name] = g
+
+
+def loop_backward(p, cfg, cache, dh, grads, dve):
+    """Backprop through the cached loop steps, newest first; returns dL/de. The gradient reaching
+    the state before the first cached step is dropped: that is the truncation."""
+    xp = array_module(dh)
+    B, T = cache["shape"]
+    du = xp.zeros_like(dh)
+    for rows, c_state, c_blocks in reversed(cache["steps"]):
+        g = dh if rows is None else dh[rows]
+        for i in reversed(range(cfg.n_recurrent)):
+            name = f"core.{i}"
+            g, g_ve = block_backward(g, c_blocks[i], name, grads)
+            if g_ve is not None:
+                if name not in dve:
+                    dve[name] = xp.zeros((B,) + g_ve.shape[1:], dtype=g_ve.dtype)
+                if rows is None:
+                    dve[name] += g_ve
+                else:
+                    dve[name][rows] += g_ve
+        gs = injection.state_backward(g, c_state, p)
+        for k, v in gs.items():
+            if k.startswith("inject."):
+                _acc(grads, k, v)
+        if rows is None:
+            dh = gs["h"]
+            du += gs["u"]
+        else:
+            dh = dh.copy()
+            dh[rows] = gs["h"]  # sequences that had not started pass their gradient through
+            du[rows] += gs["u"]
+    gi = injection.input_backward(du, cache["u_cache"], p)
+    for k, v in gi.items():
+        if k.startswith("inject."):
+            _acc(grads, k, v)
+    return gi["e"]
+
+
+def cache_nbytes(cache, exclude=()):
+    """Bytes held by the arrays in a cache (each array counted once; arrays in `exclude`, e.g. the
+    parameters, are not activations and are skipped)."""
+    seen = {id(a) for a in exclude}
+    total = 0
+    stack = [cache]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif hasattr(obj, "nbytes") and hasattr(obj, "shape") and id(obj) not in seen:
+            seen.add(id(obj))
+            total += obj.nbytes
+    return total
+
+
+def flops_per_token(cfg, train=True, n_loops=None):
+    """Matmul FLOPs per token: 2 per multiply-add in the forward, twice that in the backward.
+    Prelude, coda, C, B and the head run once; the recurrent block runs T times forward (T = μ_rec
+    in training, `n_loops` at inference) and backward only through the μ_bwd steps with gradient:
+        train = 6·N_outside + 2·N_core·μ_rec + 4·N_core·μ_bwd  (+ attention, counted the same way)
+    Attention scores and values cost 2·2·H·hs per attended position, and a causal token attends to
+    (context + 1)/2 positions on average."""
+    V, d, d_h, r = cfg.vocab_size, cfg.d_model, cfg.d_h, cfg.mlp_ratio
+    kv_frac = cfg.kv_heads / cfg.n_head
+
+    def block(w):
+        return 2 * w * w + 2 * w * w * kv_frac + 2 * r * w * w
+
+    def attn(w):  # multiply-adds: q·k and p·v, w = H·hs each, per attended position
+        return 2 * w * (cfg.context + 1) / 2
+
+    n_outside = (cfg.n_prelude + cfg.n_coda) * block(d) + V * d
+    a_outside = (cfg.n_prelude + cfg.n_coda) * attn(d)
+    n_core = cfg.n_recurrent * block(d_h)
+    a_core = cfg.n_recurrent * attn(d_h)
+    for name in value_embedding_layers(cfg):  # the value-embedding gates
+        w = d_h if name.startswith("core.") else d
+        if name.startswith("core."):
+            n_core += _gate_inputs(w) * cfg.kv_heads
+        else:
+            n_outside += _gate_inputs(w) * cfg.kv_heads
+    if cfg.looped:
+        n_outside += d_h * d + (d * d_h if cfg.injection in ("diagonal", "linear") else 0)
+        n_core += d_h * d_h if cfg.injection == "linear" else 0
+    if train:
+        T, k = (cfg.mean_recurrence, cfg.backprop_depth) if cfg.looped else (1, 1)
+        return 6 * (n_outside + a_outside) + 2 * (n_core + a_core) * T + 4 * (n_core + a_core) * k
+    T = (n_loops or cfg.mean_recurrence) if cfg.looped else 1
+    return 2 * (n_outside + a_outside) + 2 * (n_core + a_core) * T

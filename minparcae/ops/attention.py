@@ -1,0 +1,111 @@
+"""Causal multi-head self-attention with rotary embeddings, QK-norm, grouped-query heads and an
+optional gated value embedding. The reference version: it materialises the (T, T) score matrix.
+
+Forward, for H query heads and H_kv key/value heads of size hs (H_kv divides H; query head h
+reads key/value head h // (H / H_kv)):
+
+    q = x W_q,  k = x W_k,  v = x W_v                      (B, T, d) -> (B, heads, T, hs)
+    v ← v + 2σ(x[..., :n_g] W_g) · ve                     optional value embedding, one gate per KV head
+    q ← N(RoPE(q)),  k ← N(RoPE(k))                       N = RMSNorm without weight (QK-norm)
+    S = q kᵀ / √hs,  S_ij = −∞ for j > i                  (B, H, T, T)
+    P = softmax(S)  (over j),  Y = P v                    (B, H, T, hs)
+    y = concat_heads(Y) W_o                               (B, T, d)
+
+Backward, with G = dL/dy (each line is the chain rule through the line above it, bottom up):
+
+    dY = G W_oᵀ (split into heads),  dW_o = concat(Y)ᵀ G
+    dP = dY vᵀ,  dv = Pᵀ dY
+    dS = P ⊙ (dP − rowsum(dP ⊙ P))                        softmax backward
+    dq = dS k / √hs,  dk = dSᵀ q / √hs
+    grouped heads: dk, dv of a KV head = sum over the query heads that read it
+    through N and RoPE (see rmsnorm.py, rotary.py); through the gate:
+        dve = dv · gate,  dgate = Σ_hs dv ⊙ ve,  dz = dgate · 2σ(z)(1 − σ(z))
+    dx = dq W_qᵀ + dk W_kᵀ + dv W_vᵀ  (+ dz W_gᵀ into the first n_g columns)
+"""
+
+from ..backend import array_module
+from . import rmsnorm, rotary
+
+
+def _heads(t, n, hs):
+    """(B, T, n·hs) -> (B, n, T, hs)"""
+    B, T, _ = t.shape
+    return t.reshape(B, T, n, hs).transpose(0, 2, 1, 3)
+
+
+def _merge(t):
+    """(B, n, T, hs) -> (B, T, n·hs)"""
+    B, n, T, hs = t.shape
+    return t.transpose(0, 2, 1, 3).reshape(B, T, n * hs)
+
+
+def forward(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gate=None):
+    """x: (B, T, d); wq: (d, H·hs); wk, wv: (d, H_kv·hs); wo: (H·hs, d); cos, sin: (T, hs/2);
+    ve: (B, T, H_kv·hs) and w_gate: (n_g, H_kv), both or neither."""
+    xp = array_module(x)
+    B, T, d = x.shape
+    hs = wq.shape[1] // n_head
+    group = n_head // n_kv_head
+    q = _heads(x @ wq, n_head, hs)  # (B, H, T, hs)
+    k = _heads(x @ wk, n_kv_head, hs)  # (B, H_kv, T, hs)
+    v = _heads(x @ wv, n_kv_head, hs)  # (B, H_kv, T, hs)
+    gate = None
+    if ve is not None:
+        sig = 1.0 / (1.0 + xp.exp(-(x[..., : w_gate.shape[0]] @ w_gate)))  # (B, T, H_kv)
+        gate = 2.0 * sig
+        ve = _heads(ve, n_kv_head, hs)
+        v = v + gate.transpose(0, 2, 1)[..., None] * ve
+    q, q_rot = rotary.forward(q, cos, sin)
+    k, k_rot = rotary.forward(k, cos, sin)
+    q, q_norm = rmsnorm.forward(q)
+    k, k_norm = rmsnorm.forward(k)
+    kr = xp.repeat(k, group, axis=1) if group > 1 else k  # (B, H, T, hs)
+    vr = xp.repeat(v, group, axis=1) if group > 1 else v
+    scale = 1.0 / hs**0.5
+    s = (q @ kr.transpose(0, 1, 3, 2)) * scale  # (B, H, T, T)
+    future = xp.triu(xp.ones((T, T), dtype=bool), 1)
+    s = xp.where(future, -xp.inf, s)
+    s = s - s.max(axis=-1, keepdims=True)
+    p = xp.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    y = _merge(p @ vr)  # (B, T, H·hs)
+    out = y @ wo
+    cache = (x, wq, wk, wv, wo, q, kr, vr, p, y, q_rot, k_rot, q_norm, k_norm, ve, w_gate, gate,
+             n_head, n_kv_head)
+    return out, cache
+
+
+def backward(dout, cache):
+    (x, wq, wk, wv, wo, q, kr, vr, p, y, q_rot, k_rot, q_norm, k_norm, ve, w_gate, gate,
+     n_head, n_kv_head) = cache
+    B, T, d = x.shape
+    hs = q.shape[-1]
+    group = n_head // n_kv_head
+    scale = 1.0 / hs**0.5
+    dwo = y.reshape(-1, y.shape[-1]).T @ dout.reshape(-1, d)
+    dy = _heads(dout @ wo.T, n_head, hs)  # (B, H, T, hs)
+    dp = dy @ vr.transpose(0, 1, 3, 2)  # (B, H, T, T)
+    dv = p.transpose(0, 1, 3, 2) @ dy  # (B, H, T, hs)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
+    dq = ds @ kr
+    dk = ds.transpose(0, 1, 3, 2) @ q
+    if group > 1:  # the query heads of one group all read the same key/value head
+        dk = dk.reshape(B, n_kv_head, group, T, hs).sum(axis=2)
+        dv = dv.reshape(B, n_kv_head, group, T, hs).sum(axis=2)
+    dq = rotary.backward(rmsnorm.backward(dq, q_norm)["x"], q_rot)["x"]
+    dk = rotary.backward(rmsnorm.backward(dk, k_norm)["x"], k_rot)["x"]
+    dq, dk, dv_flat = _merge(dq), _merge(dk), _merge(dv)
+    dx = dq @ wq.T + dk @ wk.T + dv_flat @ wv.T
+    x2 = x.reshape(-1, d)
+    grads = {"wq": x2.T @ dq.reshape(-1, dq.shape[-1]), "wk": x2.T @ dk.reshape(-1, dk.shape[-1]),
+             "wv": x2.T @ dv_flat.reshape(-1, dv_flat.shape[-1]), "wo": dwo}
+    if ve is not None:
+        n_g = w_gate.shape[0]
+        grads["ve"] = _merge(dv * gate.transpose(0, 2, 1)[..., None])
+        dgate = (dv * ve).sum(axis=-1).transpose(0, 2, 1)  # (B, T, H_kv)
+        sig = 0.5 * gate
+        dz = dgate * 2.0 * sig * (1.0 - sig)
+        grads["w_gate"] = x[..., :n_g].reshape(-1, n_g).T @ dz.reshape(-1, n_kv_head)
+        dx[..., :n_g] += dz @ w_gate.T
+    grads["x"] = dx
+    return grads

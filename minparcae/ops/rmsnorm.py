@@ -1,0 +1,35 @@
+"""RMSNorm over the last axis, with an optional learnable weight.
+
+    r = 1 / sqrt(mean_j x_j² + eps)          x̂ = x r          y = x̂ ⊙ w   (or y = x̂ without w)
+
+Blocks use it with a weight; QK-norm uses it without one. Backward, with G = dL/dy and
+ĝ = G ⊙ w (or G), over n = x.shape[-1]:
+
+    dL/dw = Σ_rows G ⊙ x̂
+    dL/dx = r (ĝ − x̂ · mean_j(ĝ_j x̂_j))
+
+The second line: x̂ = x r(x) and ∂r/∂x_j = −r³ x_j / n, so the Jacobian of x̂ is
+r (I − x̂ x̂ᵀ / n), which is symmetric.
+"""
+
+from ..backend import array_module
+
+EPS = 1e-5
+
+
+def forward(x, weight=None, eps=EPS):
+    xp = array_module(x)
+    r = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = x * r
+    y = xhat if weight is None else xhat * weight
+    return y, (xhat, r, weight)
+
+
+def backward(dout, cache):
+    xhat, r, weight = cache
+    grads = {}
+    if weight is not None:
+        grads["weight"] = (dout * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0)
+        dout = dout * weight
+    grads["x"] = r * (dout - xhat * (dout * xhat).mean(axis=-1, keepdims=True))
+    return grads

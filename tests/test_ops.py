@@ -1,0 +1,252 @@
+"""Every op's hand-written backward against central finite differences in float64.
+
+Tolerance: the normwise relative error of gradcheck.py must be below GRAD_TOL = 1e-6 for every
+input of every op (finite differences in float64 with ε = 1e-6 reach about 1e-9 here).
+"""
+
+import numpy as np
+import pytest
+
+from minparcae.gradcheck import check_grads, check_op
+from minparcae.ops import attention, cross_entropy, embedding, linear, mlp, rmsnorm, rotary
+
+GRAD_TOL = 1e-6
+
+
+def rand(rng, *shape, scale=1.0):
+    return rng.standard_normal(shape) * scale
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 7, 6), (1, 1, 9)])
+def test_linear(shape):
+    rng = np.random.default_rng(0)
+    err, errs = check_op(linear.forward, linear.backward,
+                         {"x": rand(rng, *shape), "w": rand(rng, shape[-1], 4)})
+    assert err < GRAD_TOL, errs
+
+
+@pytest.mark.parametrize("B,T,V,d", [(2, 7, 11, 5), (1, 1, 3, 4), (3, 4, 2, 6)])
+def test_embedding(B, T, V, d):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, V, size=(B, T))
+    ids[0, 0] = ids[-1, -1]  # a repeated token must accumulate both gradients
+    err, errs = check_op(embedding.forward, embedding.backward,
+                         {"ids": ids, "table": rand(rng, V, d)})
+    assert err < GRAD_TOL, errs
+
+
+def test_embedding_scatter_adds_repeats():
+    table = np.zeros((4, 2))
+    _, cache = embedding.forward(np.array([[1, 1, 3]]), table)
+    g = embedding.backward(np.ones((1, 3, 2)), cache)["table"]
+    assert g.tolist() == [[0, 0], [2, 2], [0, 0], [1, 1]]
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (2, 7, 6), (1, 1, 5), (2, 3, 1, 6)])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rmsnorm(shape, with_weight):
+    rng = np.random.default_rng(2)
+    inputs = {"x": rand(rng, *shape)}
+    if with_weight:
+        inputs["weight"] = 1.0 + 0.3 * rand(rng, shape[-1])
+    err, errs = check_op(rmsnorm.forward, rmsnorm.backward, inputs)
+    assert err < GRAD_TOL, errs
+
+
+def test_rmsnorm_normalises():
+    x = np.random.default_rng(3).standard_normal((5, 64)) * 7
+    y, _ = rmsnorm.forward(x)
+    np.testing.assert_allclose(np.sqrt((y**2).mean(-1)), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B,H,T,hs,base", [(2, 3, 7, 6, 50_000.0), (1, 1, 1, 4, 10_000.0),
+                                           (1, 2, 5, 2, 100.0)])
+def test_rotary(B, H, T, hs, base):
+    rng = np.random.default_rng(4)
+    cos, sin = rotary.tables(T, hs, base=base, dtype=np.float64)
+    err, errs = check_op(rotary.forward, rotary.backward, {"x": rand(rng, B, H, T, hs)},
+                         cos=cos, sin=sin)
+    assert err < GRAD_TOL, errs
+
+
+def test_rotary_pairs_and_norm():
+    rng = np.random.default_rng(5)
+    x = rand(rng, 1, 1, 3, 4)
+    cos, sin = rotary.tables(3, 4, base=100.0, dtype=np.float64)
+    y, _ = rotary.forward(x, cos, sin)
+    # position 0 is the identity; position 2, pair 1 is rotated by 2 * 100**(-2/4) = 0.2 rad
+    np.testing.assert_allclose(y[0, 0, 0], x[0, 0, 0])
+    a = 0.2
+    x2, x3 = x[0, 0, 2, 2], x[0, 0, 2, 3]
+    np.testing.assert_allclose(y[0, 0, 2, 2:], [x2 * np.cos(a) - x3 * np.sin(a),
+                                               x2 * np.sin(a) + x3 * np.cos(a)])
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1))
+
+
+@pytest.mark.parametrize("shape,m", [((2, 7, 6), 24), ((1, 1, 5), 3), ((3, 4), 9)])
+def test_mlp(shape, m):
+    rng = np.random.default_rng(6)
+    d = shape[-1]
+    err, errs = check_op(mlp.forward, mlp.backward,
+                         {"x": rand(rng, *shape), "w_fc": rand(rng, d, m), "w_proj": rand(rng, m, d)})
+    assert err < GRAD_TOL, errs
+
+
+def attention_inputs(rng, B, T, d, n_head, n_kv_head, hs, with_ve):
+    cos, sin = rotary.tables(T, hs, dtype=np.float64)
+    inputs = {"x": rand(rng, B, T, d), "wq": rand(rng, d, n_head * hs, scale=0.5),
+              "wk": rand(rng, d, n_kv_head * hs, scale=0.5),
+              "wv": rand(rng, d, n_kv_head * hs, scale=0.5), "wo": rand(rng, n_head * hs, d)}
+    if with_ve:
+        inputs["ve"] = rand(rng, B, T, n_kv_head * hs)
+        inputs["w_gate"] = rand(rng, min(32, d), n_kv_head)
+    static = dict(cos=cos, sin=sin, n_head=n_head, n_kv_head=n_kv_head)
+    return inputs, static
+
+
+@pytest.mark.parametrize("B,T,d,n_head,n_kv_head,hs", [
+    (2, 7, 12, 2, 2, 6),   # odd sequence length, head size 6
+    (1, 1, 8, 2, 2, 4),    # a sequence of length 1
+    (2, 5, 10, 4, 2, 4),   # grouped-query: 4 query heads share 2 key/value heads
+    (1, 6, 8, 3, 1, 2),    # multi-query
+])
+@pytest.mark.parametrize("with_ve", [False, True])
+def test_attention(B, T, d, n_head, n_kv_head, hs, with_ve):
+    rng = np.random.default_rng(7)
+    inputs, static = attention_inputs(rng, B, T, d, n_head, n_kv_head, hs, with_ve)
+    err, errs = check_op(attention.forward, attention.backward, inputs, **static)
+    assert err < GRAD_TOL, errs
+
+
+def test_attention_is_causal():
+    rng = np.random.default_rng(8)
+    inputs, static = attention_inputs(rng, 1, 6, 8, 2, 2, 4, True)
+    y1, _ = attention.forward(**inputs, **static)
+    inputs["x"][:, 4:] += 10.0  # change the future: outputs at positions < 4 must not move
+    inputs["ve"][:, 4:] -= 3.0
+    y2, _ = attention.forward(**inputs, **static)
+    np.testing.assert_array_equal(y1[:, :4], y2[:, :4])
+    assert np.abs(y1[:, 4:] - y2[:, 4:]).max() > 1e-3
+
+
+def test_attention_wide_gate_input():
+    """With d > 32 the gate reads only the first 32 channels of x."""
+    rng = np.random.default_rng(9)
+    inputs, static = attention_inputs(rng, 1, 3, 40, 2, 2, 4, True)
+    assert inputs["w_gate"].shape == (32, 2)
+    err, errs = check_op(attention.forward, attention.backward, inputs, **static)
+    assert err < GRAD_TOL, errs
+
+
+def ce_check(logits, targets, **kw):
+    inputs = {"logits": logits}
+
+    def loss():
+        return float(cross_entropy.forward(logits, targets, **kw)[0])
+
+    _, cache = cross_entropy.forward(logits, targets, **kw)
+    grads = cross_entropy.backward(1.0, cache)
+    return check_grads(loss, inputs, grads)["logits"]
+
+
+@pytest.mark.parametrize("shape,V", [((2, 7), 11), ((1, 1), 5), ((13,), 3)])
+@pytest.mark.parametrize("scale,softcap", [(1.0, None), (0.7, None), (1.3, 4.0)])
+def test_cross_entropy(shape, V, scale, softcap):
+    rng = np.random.default_rng(10)
+    logits = rand(rng, *shape, V, scale=2.0)
+    targets = rng.integers(0, V, size=shape)
+    targets.reshape(-1)[::3] = cross_entropy.IGNORE_INDEX
+    targets.reshape(-1)[-1] = 0  # at least one valid target
+    assert ce_check(logits, targets, scale=scale, softcap=softcap) < GRAD_TOL
+
+
+def test_cross_entropy_value_and_mean_over_valid():
+    logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]]))
+    loss, _ = cross_entropy.forward(logits, np.array([0, 2, -1]))
+    assert abs(float(loss) - (-np.log(0.5) - np.log(0.8)) / 2) < 1e-12
+
+
+def test_cross_entropy_all_ignored_but_one():
+    rng = np.random.default_rng(11)
+    logits = rand(rng, 6, 7)
+    targets = np.full(6, cross_entropy.IGNORE_INDEX)
+    targets[4] = 3
+    loss, cache = cross_entropy.forward(logits, targets)
+    z = logits[4]
+    assert abs(float(loss) - (np.log(np.exp(z).sum()) - z[3])) < 1e-12
+    g = cross_entropy.backward(1.0, cache)["logits"]
+    assert np.all(g[[0, 1, 2, 3, 5]] == 0)
+    assert ce_check(logits, targets) < GRAD_TOL
+
+
+def test_cross_entropy_all_ignored_is_zero():
+    loss, cache = cross_entropy.forward(np.ones((3, 4)), np.full(3, -1))
+    assert float(loss) == 0.0
+    assert not cross_entropy.backward(1.0, cache)["logits"].any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_large_logits(dtype):
+    """Logits of 1e4 must not overflow: the loss is finite and exact."""
+    logits = np.array([[1e4, 0.0, -1e4], [1e4, 1e4, 0.0]], dtype=dtype)
+    loss, cache = cross_entropy.forward(logits, np.array([1, 0]))
+    assert np.isfinite(float(loss))
+    assert abs(float(loss) - (1e4 + np.log(2)) / 2) < 1e-3
+    g = cross_entropy.backward(1.0, cache)["logits"]
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, [[0.5, -0.5, 0.0], [-0.25, 0.25, 0.0]], atol=1e-6)
+
+
+def test_check_catches_a_wrong_backward():
+    """The checker must fail a backward that is subtly wrong (RMSNorm missing its projection term)."""
+    def wrong_backward(dout, cache):
+        xhat, r, weight = cache
+        return {"x": r * dout * weight, "weight": (dout * xhat).reshape(-1, xhat.shape[-1]).sum(0)}
+
+    rng = np.random.default_rng(12)
+    inputs = {"x": rand(rng, 3, 5), "weight": rand(rng, 5)}
+    err, errs = check_op(rmsnorm.forward, wrong_backward, inputs)
+    assert errs["weight"] < GRAD_TOL  # the part that is right still passes...
+    assert errs["x"] > 1e-2  # ...and the wrong one is caught by a wide margin
+
+
+FLOAT32_TOL = 2e-4  # float32 has ~7 digits; the ops chain a few reductions
+
+
+@pytest.mark.parametrize("name", ["linear", "rmsnorm", "rotary", "mlp", "attention", "cross_entropy"])
+def test_float32_matches_float64(name):
+    rng = np.random.default_rng(13)
+    if name == "linear":
+        op, inputs, static = linear, {"x": rand(rng, 2, 7, 6), "w": rand(rng, 6, 5)}, {}
+    elif name == "rmsnorm":
+        op, inputs, static = rmsnorm, {"x": rand(rng, 2, 7, 6), "weight": rand(rng, 6)}, {}
+    elif name == "rotary":
+        cos, sin = rotary.tables(7, 6, dtype=np.float64)
+        op, inputs, static = rotary, {"x": rand(rng, 2, 3, 7, 6)}, {"cos": cos, "sin": sin}
+    elif name == "mlp":
+        op, inputs, static = mlp, {"x": rand(rng, 2, 7, 6), "w_fc": rand(rng, 6, 24),
+                                   "w_proj": rand(rng, 24, 6)}, {}
+    elif name == "attention":
+        op = attention
+        inputs, static = attention_inputs(rng, 2, 7, 12, 4, 2, 6, True)
+    else:
+        op = cross_entropy
+        inputs = {"logits": rand(rng, 2, 7, 50, scale=3.0)}
+        static = {"targets": rng.integers(0, 50, (2, 7)), "softcap": 15.0}
+
+    def run(dtype):
+        cast = {k: v.astype(dtype) for k, v in inputs.items()}
+        st = {k: (v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+              for k, v in static.items()}
+        out, cache = op.forward(**cast, **st)
+        dout = np.ones_like(out) if np.ndim(out) else dtype(1.0)
+        return out, op.backward(dout, cache)
+
+    out64, g64 = run(np.float64)
+    out32, g32 = run(np.float32)
+    assert np.asarray(out32).dtype == np.float32
+    scale = np.abs(out64).max()
+    assert np.abs(out32 - out64).max() <= FLOAT32_TOL * scale
+    for k in g64:
+        assert g32[k].dtype == np.float32, k
+        assert np.abs(g32[k] - g64[k]).max() <= FLOAT32_TOL * np.abs(g64[k]).max(), k
