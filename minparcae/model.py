@@ -264,7 +264,9 @@ def init_params(cfg, seed=0, dtype=None, xp=None):
         # softplus(dt_bias) = Δ0 with Δ0 = −ln √(1/5), so that Ā = exp(−Δ0) = √(1/5) at A_log = 0
         delta0 = -math.log(math.sqrt(1 / 5))
         params["inject.dt_bias"] = np.full(d_h, math.log(math.expm1(delta0)))
-    return {k: xp.asarray(v, dtype=dtype) for k, v in params.items()}
+    # C order everywhere: results must not depend on how a matrix happened to be laid out (a
+    # transposed init would otherwise change BLAS's rounding after a checkpoint round trip)
+    return {k: xp.ascontiguousarray(xp.asarray(v, dtype=dtype)) for k, v in params.items()}
 
 
 def initial_state(cfg, shape, mode, rng=None, dtype=np.float32, xp=np):
@@ -595,3 +597,15 @@ def flops_per_token(cfg, train=True, n_loops=None):
         return 6 * (n_outside + a_outside) + 2 * (n_core + a_core) * T + 4 * (n_core + a_core) * k
     T = (n_loops or cfg.mean_recurrence) if cfg.looped else 1
     return 2 * (n_outside + a_outside) + 2 * (n_core + a_core) * T
+
+
+def evaluate(params, cfg, batches, n_loops=None):
+    """Mean loss over (x, y) batches at n_loops loop steps (default μ_rec), from the evaluation
+    state, each batch weighted by its number of sequences."""
+    total, count = 0.0, 0
+    for x, y in batches:
+        total += forward(params, cfg, x, y, n_loops=n_loops)[0] * len(x)
+        count += len(x)
+    if count == 0:
+        raise ValueError("no batches to evaluate.")
+    return total / count

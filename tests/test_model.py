@@ -203,6 +203,7 @@ def test_init_matches_the_shapes_and_the_scheme(kind):
     cfg = tiny_cfg(injection=kind, d_model=32, n_head=4, value_embeddings=True)
     p = M.init_params(cfg, seed=3, dtype=np.float64, xp=np)
     assert {k: v.shape for k, v in p.items()} == M.param_shapes(cfg)
+    assert all(v.flags.c_contiguous for v in p.values())  # layout must not vary with the init
     assert not p["core.0.attn.wo"].any() and not p["prelude.0.mlp.proj"].any()
     std = math.sqrt(2 / (5 * 32))
     assert abs(p["coda.0.mlp.fc"].std() - std) < 0.1 * std

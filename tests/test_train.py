@@ -1,0 +1,155 @@
+"""train.py and sample.py end to end on a tiny corpus: learning, exact resume, Ctrl-C, the
+numerical guard, and the one-sentence errors a user can cause."""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sample
+import train
+from minparcae import checkpoint, model
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~100 KB of real Python source, and a cache folder shared by the tests of this file."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "\n".join((stdlib / name).read_text() for name in ("json/decoder.py", "json/encoder.py",
+                                                              "textwrap.py", "shlex.py", "fnmatch.py"))
+    (root / "code.txt").write_text(text)
+    return {"data": str(root / "code.txt"), "cache": str(root / "cache")}
+
+
+def args(corpus, out, *extra):
+    return ["--data", corpus["data"], "--cache-dir", corpus["cache"], "--out", str(out),
+            "--vocab-size", "300", "--context", "32", "--batch-size", "8", "--eval-every", "10",
+            "--eval-batches", "2", "--sample-tokens", "0", "--device", "cpu", *extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss(corpus, tmp_path):
+    val_loss = train.main(args(corpus, tmp_path, "--steps", "30"))
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == list(range(1, 31))
+    first = log[0]["loss"]
+    assert abs(first - np.log(300)) < 0.3  # a fresh model predicts nearly uniformly
+    assert val_loss < first - 1.0  # stated margin: at least 1 nat lower after 30 steps
+    assert all(0 < r["rho"] < 1 for r in log)
+
+
+def crash_at(monkeypatch, n_calls, exc):
+    """Make the n-th backward call raise `exc` (a crash, or Ctrl-C with KeyboardInterrupt)."""
+    real, calls = model.backward, {"n": 0}
+
+    def backward(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n_calls:
+            raise exc
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train.model, "backward", backward)
+
+
+def comparable(log):
+    return [(r["step"], r["loss"], r["grad_norm"], r["rho"], r.get("val_loss")) for r in log]
+
+
+def test_resume_after_a_crash_reproduces_the_run(corpus, tmp_path, monkeypatch):
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    final = train.main(args(corpus, full, "--steps", "20"))
+    crash_at(monkeypatch, 15, RuntimeError("simulated crash"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(args(corpus, crashed, "--steps", "20"))  # dies after the step-10 checkpoint
+    assert checkpoint.load(crashed / "ckpt.npz")[2]["step"] == 10
+    monkeypatch.undo()
+    resumed = train.main(args(corpus, crashed, "--steps", "20", "--resume"))
+    assert resumed == final
+    assert comparable(read_log(crashed)) == comparable(read_log(full))  # to the last digit
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(corpus, tmp_path, monkeypatch):
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    final = train.main(args(corpus, full, "--steps", "14", "--optimizer", "muon"))
+    crash_at(monkeypatch, 7, KeyboardInterrupt())
+    with pytest.raises(SystemExit, match="interrupted at step 6; checkpoint saved"):
+        train.main(args(corpus, stopped, "--steps", "14", "--optimizer", "muon"))
+    assert checkpoint.load(stopped)[2]["step"] == 6
+    monkeypatch.undo()
+    assert train.main(args(corpus, stopped, "--steps", "14", "--optimizer", "muon", "--resume")) == final
+    assert comparable(read_log(stopped)) == comparable(read_log(full))
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
+    real = model.backward
+    calls = {"n": 0}
+
+    def backward(*a, **kw):
+        calls["n"] += 1
+        grads = real(*a, **kw)
+        if calls["n"] == 3 or calls["n"] > 12:  # one bad step, later a run of bad steps
+            grads["wte"][0, 0] = np.nan
+        return grads
+
+    monkeypatch.setattr(train.model, "backward", backward)
+    with pytest.raises(SystemExit) as err:
+        train.main(args(corpus, tmp_path, "--steps", "40"))
+    msg = str(err.value)
+    assert "5 non-finite steps in a row at step 11" in msg
+    assert f"the last good checkpoint is {tmp_path / 'ckpt.npz'} (step 10)" in msg
+    assert read_log(tmp_path)[-1]["skipped"] == 1  # the isolated bad step was skipped, counted
+
+
+def test_checkpoint_errors_are_one_sentence(corpus, tmp_path):
+    train.main(args(corpus, tmp_path, "--steps", "10"))
+    with pytest.raises(SystemExit, match="already holds a run: pass --resume"):
+        train.main(args(corpus, tmp_path, "--steps", "10"))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"made for a different model \(injection 'diagonal' vs 'linear'"):
+        train.main(args(corpus, tmp_path, "--steps", "20", "--resume", "--injection", "linear"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    data = (tmp_path / "ckpt.npz").read_bytes()
+    (broken / "ckpt.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="is damaged or truncated"):
+        train.main(args(corpus, broken, "--steps", "20", "--resume"))
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at"):
+        sample.main(["--ckpt", str(tmp_path / "nowhere")])
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    from minparcae.data import DataError
+    with pytest.raises(DataError, match="does not exist"):
+        train.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run")])
+
+
+def test_sample_runs_on_a_fresh_checkpoint(corpus, tmp_path, capsys):
+    train.main(args(corpus, tmp_path, "--steps", "10"))
+    capsys.readouterr()
+    sample.main(["--ckpt", str(tmp_path), "--prompt", "def ", "--loops", "1,2,8", "--tokens", "12",
+                 "--eval-batches", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    heads = [line for line in out.splitlines() if line.startswith("--- loops")]
+    assert [h.split(":")[0] for h in heads] == ["--- loops 1", "--- loops 2", "--- loops 8"]
+    assert all("val_loss" in h and "tokens/s" in h for h in heads)
+
+
+def test_sample_without_the_data_still_samples(corpus, tmp_path, capsys):
+    train.main(args(corpus, tmp_path / "run", "--steps", "10"))
+    moved = tmp_path / "elsewhere.npz"
+    shutil.copy(tmp_path / "run" / "ckpt.npz", moved)
+    ckpt = checkpoint.load(moved)
+    params, opt, meta = ckpt
+    meta["data"]["folder"] = str(tmp_path / "gone")
+    checkpoint.save(moved, params, opt, {k: v for k, v in meta.items() if k != "format"})
+    capsys.readouterr()
+    sample.main(["--ckpt", str(moved), "--tokens", "5", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "printing samples only" in out and "--- loops 4" in out
