@@ -23,6 +23,7 @@ Backward, with G = dL/dy (each line is the chain rule through the line above it,
     dx = dq W_qᵀ + dk W_kᵀ + dv W_vᵀ  (+ dz W_gᵀ into the first n_g columns)
 """
 
+from .. import kernels
 from ..backend import array_module
 from . import rmsnorm, rotary
 
@@ -37,6 +38,27 @@ def _merge(t):
     """(B, n, T, hs) -> (B, T, n·hs)"""
     B, n, T, hs = t.shape
     return t.transpose(0, 2, 1, 3).reshape(B, T, n * hs)
+
+
+def causal_attention_forward(q, k, v, scale):
+    """Y = softmax(q kᵀ · scale, causal) v for q, k, v of shape (B, H, T, hs); the reference keeps P."""
+    xp = array_module(q)
+    T = q.shape[2]
+    s = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, H, T, T)
+    future = xp.triu(xp.ones((T, T), dtype=bool), 1)
+    s = xp.where(future, -xp.inf, s)
+    s = s - s.max(axis=-1, keepdims=True)
+    p = xp.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p @ v, (q, k, v, p, scale)
+
+
+def causal_attention_backward(dy, cache):
+    q, k, v, p, scale = cache
+    dp = dy @ v.transpose(0, 1, 3, 2)  # (B, H, T, T)
+    dv = p.transpose(0, 1, 3, 2) @ dy  # (B, H, T, hs)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
+    return ds @ k, ds.transpose(0, 1, 3, 2) @ q, dv
 
 
 def forward(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gate=None):
@@ -62,33 +84,27 @@ def forward(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gate=None
     kr = xp.repeat(k, group, axis=1) if group > 1 else k  # (B, H, T, hs)
     vr = xp.repeat(v, group, axis=1) if group > 1 else v
     scale = 1.0 / hs**0.5
-    s = (q @ kr.transpose(0, 1, 3, 2)) * scale  # (B, H, T, T)
-    future = xp.triu(xp.ones((T, T), dtype=bool), 1)
-    s = xp.where(future, -xp.inf, s)
-    s = s - s.max(axis=-1, keepdims=True)
-    p = xp.exp(s)
-    p /= p.sum(axis=-1, keepdims=True)
-    y = _merge(p @ vr)  # (B, T, H·hs)
+    core_forward, core_backward = causal_attention_forward, causal_attention_backward
+    if kernels.fast("attention_forward", q) is not None:
+        core_forward = kernels.fast("attention_forward", q)
+        core_backward = kernels.fast("attention_backward", q)
+    yh, core_cache = core_forward(q, kr, vr, scale)  # (B, H, T, hs)
+    y = _merge(yh)  # (B, T, H·hs)
     out = y @ wo
-    cache = (x, wq, wk, wv, wo, q, kr, vr, p, y, q_rot, k_rot, q_norm, k_norm, ve, w_gate, gate,
-             n_head, n_kv_head)
+    cache = (x, wq, wk, wv, wo, core_backward, core_cache, y, q_rot, k_rot, q_norm, k_norm, ve,
+             w_gate, gate, n_head, n_kv_head)
     return out, cache
 
 
 def backward(dout, cache):
-    (x, wq, wk, wv, wo, q, kr, vr, p, y, q_rot, k_rot, q_norm, k_norm, ve, w_gate, gate,
-     n_head, n_kv_head) = cache
+    (x, wq, wk, wv, wo, core_backward, core_cache, y, q_rot, k_rot, q_norm, k_norm, ve, w_gate,
+     gate, n_head, n_kv_head) = cache
     B, T, d = x.shape
-    hs = q.shape[-1]
+    hs = wq.shape[1] // n_head
     group = n_head // n_kv_head
-    scale = 1.0 / hs**0.5
     dwo = y.reshape(-1, y.shape[-1]).T @ dout.reshape(-1, d)
     dy = _heads(dout @ wo.T, n_head, hs)  # (B, H, T, hs)
-    dp = dy @ vr.transpose(0, 1, 3, 2)  # (B, H, T, T)
-    dv = p.transpose(0, 1, 3, 2) @ dy  # (B, H, T, hs)
-    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
-    dq = ds @ kr
-    dk = ds.transpose(0, 1, 3, 2) @ q
+    dq, dk, dv = core_backward(dy, core_cache)
     if group > 1:  # the query heads of one group all read the same key/value head
         dk = dk.reshape(B, n_kv_head, group, T, hs).sum(axis=2)
         dv = dv.reshape(B, n_kv_head, group, T, hs).sum(axis=2)

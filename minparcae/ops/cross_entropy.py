@@ -16,9 +16,26 @@ rule through the cap (1 − tanh²) and the scale:
 If every target is ignored the loss is defined as 0 with zero gradient (an empty mean).
 """
 
+from .. import kernels
 from ..backend import array_module
 
 IGNORE_INDEX = -1
+
+
+def softmax_xent(z, targets, valid, n_valid):
+    """Per-row losses valid·(logsumexp z − z[y]) and the gradient valid·(softmax z − onehot y)/n_valid
+    of their mean, in one go: both need the same exponentials. z: (N, V); targets, valid: (N,)."""
+    xp = array_module(z)
+    m = z.max(axis=-1, keepdims=True)
+    e = xp.exp(z - m)
+    sum_e = e.sum(axis=-1, keepdims=True)
+    lse = (xp.log(sum_e) + m)[:, 0]
+    rows = xp.arange(z.shape[0])
+    loss_rows = xp.where(valid, lse - z[rows, targets], 0.0)
+    grad = e / sum_e
+    grad[rows, targets] -= 1.0
+    grad *= (valid / n_valid).astype(z.dtype)[:, None]
+    return loss_rows, grad
 
 
 def forward(logits, targets, ignore_index=IGNORE_INDEX, scale=1.0, softcap=None):
@@ -31,24 +48,17 @@ def forward(logits, targets, ignore_index=IGNORE_INDEX, scale=1.0, softcap=None)
     y = targets.reshape(-1)
     valid = y != ignore_index
     y_safe = xp.where(valid, y, 0)
-    m = z.max(axis=-1, keepdims=True)
-    e = xp.exp(z - m)
-    sum_e = e.sum(axis=-1, keepdims=True)
-    lse = (xp.log(sum_e) + m)[:, 0]
-    z_y = xp.take_along_axis(z, y_safe[:, None], axis=-1)[:, 0]
-    n_valid = xp.maximum(valid.sum(), 1).astype(z.dtype)  # an empty mean divides by 1
-    loss = xp.where(valid, lse - z_y, 0.0).sum() / n_valid
-    probs = e / sum_e
-    cache = (probs, z, y_safe, valid, n_valid, logits.shape, scale, softcap)
+    n_valid = max(int(valid.sum()), 1)  # an empty mean divides by 1
+    kernel = kernels.fast("softmax_xent", z) or softmax_xent
+    loss_rows, grad = kernel(xp.ascontiguousarray(z), y_safe, valid, n_valid)
+    loss = loss_rows.sum() / z.dtype.type(n_valid)
+    cache = (grad, z if softcap is not None else None, logits.shape, scale, softcap)
     return loss, cache
 
 
 def backward(dloss, cache):
-    probs, z, y_safe, valid, n_valid, shape, scale, softcap = cache
-    xp = array_module(probs)
-    g = probs.copy()
-    g[xp.arange(g.shape[0]), y_safe] -= 1.0
-    g *= (valid * (dloss / n_valid))[:, None]
+    grad, z, shape, scale, softcap = cache
+    g = grad * dloss
     if softcap is not None:
         g *= 1.0 - (z / softcap) ** 2
     return {"logits": (g * scale).reshape(shape)}

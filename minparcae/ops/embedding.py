@@ -8,6 +8,7 @@ several times collects the sum (a scatter-add):
     dL/dE[v] = Σ_{(b,t): ids[b,t] = v} G[b, t]
 """
 
+from .. import kernels
 from ..backend import array_module
 
 
@@ -21,7 +22,10 @@ def backward(dout, cache):
     dtable = xp.zeros(shape, dtype=dout.dtype)
     rows = ids.reshape(-1)
     grads = dout.reshape(-1, shape[1])
-    if xp.__name__ == "numpy":
+    kernel = kernels.fast("scatter_add", dtable)
+    if kernel is not None:
+        kernel(dtable, rows, grads)
+    elif xp.__name__ == "numpy":
         xp.add.at(dtable, rows, grads)
     else:
         import cupyx

@@ -9,13 +9,19 @@ Backward, with G = dL/dy. Since d(½ relu(u)²)/du = relu(u) = a:
     dL/dW_fc   = xᵀ dL/du  dL/dx = dL/du W_fcᵀ
 """
 
+from .. import kernels
 from . import linear
 
 
 def forward(x, w_fc, w_proj):
     u, fc_cache = linear.forward(x, w_fc)  # (..., m)
-    a = u * (u > 0)
-    y, proj_cache = linear.forward(0.5 * a * a, w_proj)  # (..., d)
+    kernel = kernels.fast("relu2_forward", u)
+    if kernel is not None:
+        a, g = kernel(u)
+    else:
+        a = u * (u > 0)
+        g = 0.5 * a * a
+    y, proj_cache = linear.forward(g, w_proj)  # (..., d)
     return y, (fc_cache, proj_cache, a)
 
 

@@ -17,6 +17,8 @@ with it.
 
 import numpy as np
 
+from .. import kernels
+
 BASE = 50_000.0
 
 
@@ -31,6 +33,9 @@ def tables(n_pos, head_size, base=BASE, offset=0, xp=np, dtype=np.float32):
 
 def _rotate(x, cos, sin):
     """Rotate adjacent pairs of x (..., T, hs) by the angles whose cos/sin are (T, hs/2)."""
+    kernel = kernels.fast("rotary", x)
+    if kernel is not None:
+        return kernel(x, cos, sin)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     y = x.copy()
     y[..., 0::2] = x1 * cos - x2 * sin

@@ -1,0 +1,3 @@
+"""GPU kernels: Numba CUDA versions of the ops (see __init__.py for the contracts)."""
+
+KERNELS = {}
