@@ -427,6 +427,7 @@ def loop_forward(p, cfg, kind, e, h, depths, n_grad, rope, ve):
     """h_t = R(Ā h_{t−1} + B̄ e) for each sequence's own number of steps (right-aligned, see the
     module docstring). Returns h_T, the caches of the last min(S, n_grad) steps, the injection's
     input cache and diagnostics."""
+    xp = array_module(h)
     u, u_cache = injection.input_forward(kind, p, e)  # B̄e: computed once for the whole loop
     B = h.shape[0]
     S = int(depths.max())
@@ -436,6 +437,7 @@ def loop_forward(p, cfg, kind, e, h, depths, n_grad, rope, ve):
     for t in range(S):
         rows = np.flatnonzero(start <= t)
         full = len(rows) == B
+        rows = xp.asarray(rows)  # index on the device the state lives on
         sel = (lambda a: a) if full else (lambda a: a[rows])
         x, c_state = injection.state_forward(kind, p, sel(h), sel(u))
         c_blocks = []
@@ -451,7 +453,6 @@ def loop_forward(p, cfg, kind, e, h, depths, n_grad, rope, ve):
             h[rows] = x  # sequences that have not started keep their state
         if t >= first_cached:
             steps.append((None if full else rows, c_state, c_blocks))
-    xp = array_module(h)
     norm_T = xp.sqrt((h * h).sum(axis=-1))  # (B, T)
     diag = {"steps": S, "state_norm": float(norm_T.mean()),
             "residual": float(xp.linalg.norm(h - h_prev) / max(float(xp.linalg.norm(h)), 1e-30))}
@@ -584,11 +585,10 @@ def flops_per_token(cfg, train=True, n_loops=None):
     n_core = cfg.n_recurrent * block(d_h)
     a_core = cfg.n_recurrent * attn(d_h)
     for name in value_embedding_layers(cfg):  # the value-embedding gates
-        w = d_h if name.startswith("core.") else d
         if name.startswith("core."):
-            n_core += _gate_inputs(w) * cfg.kv_heads
+            n_core += _gate_inputs(d_h) * cfg.kv_heads
         else:
-            n_outside += _gate_inputs(w) * cfg.kv_heads
+            n_outside += _gate_inputs(d) * cfg.kv_heads
     if cfg.looped:
         n_outside += d_h * d + (d * d_h if cfg.injection in ("diagonal", "linear") else 0)
         n_core += d_h * d_h if cfg.injection == "linear" else 0
