@@ -303,8 +303,7 @@ def block_forward(p, name, x, rope, cfg, ve=None):
     y, c_att = attention.forward(a, p[f"{name}.attn.wq"], p[f"{name}.attn.wk"], p[f"{name}.attn.wv"],
                                  p[f"{name}.attn.wo"], *rope, cfg.n_head, cfg.kv_heads, ve=ve,
                                  w_gate=p.get(f"{name}.attn.ve_gate"))
-    x = x + y
-    a, c_n2 = rmsnorm.forward(x, p[f"{name}.norm2"])
+    x, a, c_n2 = rmsnorm.add_forward(x, y, p[f"{name}.norm2"])  # x += attn(...); a = norm2(x)
     y, c_mlp = mlp.forward(a, p[f"{name}.mlp.fc"], p[f"{name}.mlp.proj"])
     return x + y, (c_n1, c_att, c_n2, c_mlp)
 
@@ -316,9 +315,9 @@ def block_backward(dx, cache, name, grads):
     g = mlp.backward(dx, c_mlp)
     _acc(grads, f"{name}.mlp.fc", g["w_fc"])
     _acc(grads, f"{name}.mlp.proj", g["w_proj"])
-    g = rmsnorm.backward(g["x"], c_n2)
+    g = rmsnorm.backward(g["x"], c_n2, dres=dx)  # the residual path's gradient joins the norm's
     _acc(grads, f"{name}.norm2", g["weight"])
-    dx = dx + g["x"]
+    dx = g["x"]
     g = attention.backward(dx, c_att)
     for w in ("wq", "wk", "wv", "wo"):
         _acc(grads, f"{name}.attn.{w}", g[w])

@@ -8,6 +8,7 @@ with `np.savez`) and `load_state_dict()` resumes the run bit for bit.
 
 import math
 
+from minparcae import kernels
 from minparcae.backend import array_module
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Muon's quintic Newton–Schulz coefficients (a, b, c)
@@ -78,6 +79,11 @@ class AdamW:
             p = params[name]
             xp = array_module(p)
             m, v = _buffer(self.m, name, p), _buffer(self.v, name, p)
+            kernel = kernels.fast("adamw_step", p)
+            if kernel is not None:  # the same update in one pass
+                wd = 0.0 if no_weight_decay(name, p.shape) else self.weight_decay
+                kernel(p, g, m, v, lr, b1, b2, self.eps, wd, bc1, bc2)
+                continue
             if not no_weight_decay(name, p.shape):
                 p *= 1 - lr * self.weight_decay
             m *= b1

@@ -250,3 +250,21 @@ def test_float32_matches_float64(name):
     for k in g64:
         assert g32[k].dtype == np.float32, k
         assert np.abs(g32[k] - g64[k]).max() <= FLOAT32_TOL * np.abs(g64[k]).max(), k
+
+
+def test_rmsnorm_with_residual_add():
+    """s = x + res, y = RMSNorm(s), with L = Σ y ⊙ R + Σ s ⊙ R_s: backward(R, dres=R_s) is dL/dx
+    (and dL/dres, the same)."""
+    rng = np.random.default_rng(14)
+    inputs = {"x": rand(rng, 2, 5, 6), "res": rand(rng, 2, 5, 6), "weight": 1 + 0.3 * rand(rng, 6)}
+    R, R_s = rand(rng, 2, 5, 6), rand(rng, 2, 5, 6)
+
+    def loss():
+        s, y, _ = rmsnorm.add_forward(**inputs)
+        return float((y * R).sum() + (s * R_s).sum())
+
+    s, y, cache = rmsnorm.add_forward(**inputs)
+    np.testing.assert_allclose(s, inputs["x"] + inputs["res"])
+    g = rmsnorm.backward(R, cache, dres=R_s)
+    errors = check_grads(loss, inputs, {"x": g["x"], "res": g["x"], "weight": g["weight"]})
+    assert max(errors.values()) < GRAD_TOL, errors

@@ -10,9 +10,14 @@ Switch them off with `use_kernels(False)` or MINPARCAE_KERNELS=0 (the reference 
 The contracts (every array argument is C-contiguous; `fast` returns None for dtypes a device's
 kernels do not cover):
     rmsnorm_forward(x, weight | None, eps)          -> (y, xhat, r)
-    rmsnorm_backward(dout, xhat, r, weight | None)  -> (dx, dweight | None)
+    add_rmsnorm_forward(x, res, weight | None, eps) -> (x + res, y, xhat, r)
+    rmsnorm_backward(dout, xhat, r, weight | None, dres | None) -> (dx (+ dres), dweight | None)
     rotary(x, cos, sin)                             -> y          (the backward passes −sin)
     relu2_forward(u)                                -> (a, g)     a = relu(u), g = ½ a²
+    relu2_backward(dg, a)                           -> dg ⊙ a
+    injection_forward(h, u, A_bar)                  -> Ā ⊙ h + u
+    injection_backward(dx, h, A_bar)                -> (dx ⊙ Ā, Σ_rows dx ⊙ h)
+    adamw_step(p, g, m, v, lr, β1, β2, eps, wd, 1 − β1^t, 1 − β2^t) -> None   (in place, as optim.AdamW)
     softmax_xent(z, targets, valid, n_valid)        -> (loss_rows, grad)
         loss_rows[i] = valid_i (logsumexp z_i − z_i[y_i]);  grad = valid (softmax z − onehot y) / n_valid
     scatter_add(table, rows, values)                -> None       table[rows[i]] += values[i]

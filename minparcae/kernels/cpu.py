@@ -64,7 +64,7 @@ def _column_sums(g, xhat, out):  # dweight = Σ_rows g ⊙ x̂, in row blocks fo
             out[j] += g[i, j] * xhat[i, j]
 
 
-def rmsnorm_backward(dout, xhat, r, weight):
+def rmsnorm_backward(dout, xhat, r, weight, dres=None):
     g = np.ascontiguousarray(dout).reshape(-1, dout.shape[-1])
     xh = xhat.reshape(g.shape)
     dx = np.empty_like(g)
@@ -75,6 +75,8 @@ def rmsnorm_backward(dout, xhat, r, weight):
         dweight = np.zeros(g.shape[1])  # accumulated in float64
         _column_sums(g, xh, dweight)
         dweight = dweight.astype(g.dtype)
+    if dres is not None:
+        dx += dres.reshape(dx.shape)
     return dx.reshape(dout.shape), dweight
 
 

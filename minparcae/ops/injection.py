@@ -25,6 +25,7 @@ Matrices are stored (in, out): B is (d, d_h), W is (d_h + d, d_h) with the h row
 
 import numpy as np
 
+from .. import kernels
 from ..backend import array_module, to_host
 
 KINDS = ("diagonal", "linear", "add")
@@ -95,7 +96,9 @@ def state_forward(kind, p, h, u):
     """x = Ā h + u, the input of one pass of the recurrent block: h, u (N, T, d_h) -> (N, T, d_h)."""
     if kind == "diagonal":
         A_bar, delta, a = diagonal_decay(p["inject.A_log"], p["inject.dt_bias"])
-        return A_bar * h + u, (kind, h, A_bar, delta, a)
+        kernel = kernels.fast("injection_forward", h)
+        x = kernel(h, u, A_bar) if kernel is not None else A_bar * h + u
+        return x, (kind, h, A_bar, delta, a)
     if kind == "linear":
         W = p["inject.W"]
         return h @ W[: W.shape[1]] + u, (kind, h)
@@ -107,9 +110,13 @@ def state_backward(dx, cache, p):
     kind = cache[0]
     if kind == "diagonal":
         _, h, A_bar, delta, a = cache
-        dA_bar = (dx * h).reshape(-1, h.shape[-1]).sum(axis=0)  # (d_h,)
+        kernel = kernels.fast("injection_backward", dx)
+        if kernel is not None:
+            dh, dA_bar = kernel(dx, h, A_bar)
+        else:
+            dh, dA_bar = dx * A_bar, (dx * h).reshape(-1, h.shape[-1]).sum(axis=0)  # (d_h,)
         g = dA_bar * A_bar
-        return {"h": dx * A_bar, "u": dx, "inject.A_log": -g * delta * a,
+        return {"h": dh, "u": dx, "inject.A_log": -g * delta * a,
                 "inject.dt_bias": -g * a * sigmoid(p["inject.dt_bias"])}
     if kind == "linear":
         _, h = cache

@@ -8,6 +8,10 @@ Blocks use it with a weight; QK-norm uses it without one. Backward, with G = dL/
     dL/dw = Σ_rows G ⊙ x̂
     dL/dx = r (ĝ − x̂ · mean_j(ĝ_j x̂_j))
 
+`add_forward` is the pre-norm block's "x ← x + res, then normalise" as one op (one pass on a GPU);
+its backward takes `dres`, the gradient that reaches the sum through the residual path, and returns
+dL/dx + dres.
+
 The second line: x̂ = x r(x) and ∂r/∂x_j = −r³ x_j / n, so the Jacobian of x̂ is
 r (I − x̂ x̂ᵀ / n), which is symmetric.
 """
@@ -30,15 +34,28 @@ def forward(x, weight=None, eps=EPS):
     return y, (xhat, r, weight)
 
 
-def backward(dout, cache):
+def add_forward(x, res, weight=None, eps=EPS):
+    """s = x + res and y = RMSNorm(s): returns (s, y, cache)."""
+    kernel = kernels.fast("add_rmsnorm_forward", x)
+    if kernel is not None:
+        s, y, xhat, r = kernel(x, res, weight, eps)
+        return s, y, (xhat, r, weight)
+    s = x + res
+    y, cache = forward(s, weight, eps)
+    return s, y, cache
+
+
+def backward(dout, cache, dres=None):
     xhat, r, weight = cache
     kernel = kernels.fast("rmsnorm_backward", dout)
     if kernel is not None:
-        dx, dweight = kernel(dout, xhat, r, weight)
+        dx, dweight = kernel(dout, xhat, r, weight, dres)
         return {"x": dx} if weight is None else {"x": dx, "weight": dweight}
     grads = {}
     if weight is not None:
         grads["weight"] = (dout * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0)
         dout = dout * weight
     grads["x"] = r * (dout - xhat * (dout * xhat).mean(axis=-1, keepdims=True))
+    if dres is not None:
+        grads["x"] += dres
     return grads

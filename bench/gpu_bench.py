@@ -1,0 +1,212 @@
+"""GPU benchmark: each CUDA kernel against the CuPy code it replaces, then one training step of
+minparcae (forward, backward, AdamW) with the kernels on and off, and of the PyTorch reference in
+bench/torch_parcae.py when that file is there. Prints Markdown tables.
+
+    python bench/gpu_bench.py                      # parcae-140m, batch 8 × 1024 tokens
+    python bench/gpu_bench.py --preset tiny --batch 16 --seq 128 --compile
+
+Times are wall-clock milliseconds per call after a warm-up call (which compiles the kernels), the
+GPU synchronised before the clock is read, so they include Python's launch overhead. Peak memory is
+the most the array pool held during the step.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from minparcae import backend, kernels, model, optim
+from minparcae.kernels import cuda as K
+from minparcae.ops import attention, cross_entropy, embedding, injection, rmsnorm, rotary
+
+
+def timed(fn, repeat):
+    """Milliseconds per call of fn, after one warm-up call."""
+    fn()
+    backend.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    backend.synchronize()
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+def reference(fn):
+    """fn run with every fast path off (the ops' CuPy code)."""
+    def run():
+        kernels.use_kernels(False)
+        try:
+            return fn()
+        finally:
+            kernels.use_kernels(True)
+    return run
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def relu2_reference(u):
+    a = u * (u > 0)
+    return a, 0.5 * a * a
+
+
+def kernel_rows(cfg, B, T, repeat):
+    """(name, shape, reference ms, kernel ms, speed-up) for each kernel at the model's sizes; the
+    reference is the op's CuPy code, except where the name says otherwise."""
+    import cupy as cp
+    rng = np.random.default_rng(0)
+
+    def randn(*shape, scale=1.0):
+        return cp.asarray(scale * rng.standard_normal(shape), dtype=cp.float32)
+
+    d, H, V = cfg.d_model, cfg.n_head, cfg.vocab_size
+    hs, N = d // H, B * T
+    x, w, g = randn(B, T, d), 1 + randn(d, scale=0.1), randn(B, T, d)
+    q, k, v, dy = (randn(B, H, T, hs) for _ in range(4))
+    head_view = randn(B, T, d).reshape(B, T, H, hs).transpose(0, 2, 1, 3)
+    cos, sin = rotary.tables(T, hs, xp=cp)
+    u = randn(N, cfg.mlp_ratio * d)
+    z, targets = randn(N, V, scale=3), cp.asarray(rng.integers(0, V, N))
+    valid = targets >= 0
+    ids = cp.asarray(rng.integers(0, V, (B, T)))
+    p = {"inject.A_log": randn(d, scale=0.3), "inject.dt_bias": randn(d)}
+    A_bar = injection.diagonal_decay(p["inject.A_log"], p["inject.dt_bias"])[0]
+    fc = {n: randn(d, cfg.mlp_ratio * d) for n in ("m", "v", "p", "g")}
+    fc["v"] = cp.abs(fc["v"])
+    opt = optim.AdamW()
+    opt.step({"core.0.mlp.fc": fc["p"]}, {"core.0.mlp.fc": fc["g"]}, 1e-3)  # allocates its moments
+    scale = hs ** -0.5
+    _, flash_cache = K.attention_forward(q, k, v, scale)
+    _, ref_cache = attention.causal_attention_forward(q, k, v, scale)
+
+    def rms_step(a, weight):
+        out, c = rmsnorm.forward(a, weight)
+        return rmsnorm.backward(out, c)
+
+    cases = [
+        ("RMSNorm fwd+bwd", (N, d), reference(lambda: rms_step(x, w)), lambda: rms_step(x, w)),
+        ("QK-norm fwd+bwd", (B * H * T, hs), reference(lambda: rms_step(q, None)), lambda: rms_step(q, None)),
+        ("residual add + RMSNorm (reference: add, then the RMSNorm kernel)", (N, d),
+         lambda: rmsnorm.forward(x + g, w), lambda: K.add_rmsnorm_forward(x, g, w, 1e-5)),
+        ("rotary (strided q view)", (B, H, T, hs), reference(lambda: rotary.forward(head_view, cos, sin)),
+         lambda: rotary.forward(head_view, cos, sin)),
+        ("ReLU² forward", tuple(u.shape), lambda: relu2_reference(u), lambda: K.relu2_forward(u)),
+        ("softmax cross-entropy", (N, V), lambda: cross_entropy.softmax_xent(z, targets, valid, N),
+         lambda: K.softmax_xent(z, targets, valid, N)),
+        ("embedding backward", (V, d), reference(lambda: embedding.backward(g, (ids, (V, d)))),
+         lambda: embedding.backward(g, (ids, (V, d)))),
+        ("attention forward (flash)", (B, H, T, hs), lambda: attention.causal_attention_forward(q, k, v, scale),
+         lambda: K.attention_forward(q, k, v, scale)),
+        ("attention forward (simple)", (B, H, T, hs), lambda: attention.causal_attention_forward(q, k, v, scale),
+         lambda: K.attention_forward_simple(q, k, v, scale)),
+        ("attention backward (flash)", (B, H, T, hs),
+         lambda: attention.causal_attention_backward(dy, ref_cache),
+         lambda: K.attention_backward(dy, flash_cache)),
+        ("injection x = Ā⊙h + u", (N, d), lambda: A_bar * x + g, lambda: K.injection_forward(x, g, A_bar)),
+        ("injection backward", (N, d), lambda: (g * A_bar, (g * x).reshape(-1, d).sum(axis=0)),
+         lambda: K.injection_backward(g, x, A_bar)),
+        ("AdamW step", tuple(fc["p"].shape),
+         lambda: opt.step({"core.0.mlp.fc": fc["p"]}, {"core.0.mlp.fc": fc["g"]}, 1e-3),
+         lambda: K.adamw_step(fc["p"], fc["g"], fc["m"], fc["v"], 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.1, 0.05)),
+    ]
+    rows = []
+    for name, shape, ref_fn, kernel_fn in cases:
+        t_ref, t_kernel = timed(ref_fn, repeat), timed(kernel_fn, repeat)
+        speedup = f"{t_ref / t_kernel:.2f}×"
+        rows.append((name, "×".join(map(str, shape)), f"{t_ref:.3f}", f"{t_kernel:.3f}", speedup))
+    return rows
+
+
+def minparcae_step(params_np, cfg, batch, use_kernels, steps):
+    """(ms per training step, peak pool bytes) of minparcae on the GPU."""
+    import cupy as cp
+    ids, targets, depths, h0 = batch
+    params = {k: cp.asarray(v) for k, v in params_np.items()}
+    ids, targets, h0 = cp.asarray(ids), cp.asarray(targets), cp.asarray(h0)
+    opt = optim.AdamW()
+    kernels.use_kernels(use_kernels)
+    pool = cp.get_default_memory_pool()
+
+    def step():
+        loss, cache, _ = model.forward(params, cfg, ids, targets, depths=depths, h0=h0, train=True)
+        grads = model.backward(params, cfg, cache)
+        opt.step(params, grads, 1e-3)
+
+    try:
+        step()
+        backend.synchronize()
+        pool.free_all_blocks()  # from here the pool grows to what the steps need at once
+        return timed(step, steps), pool.total_bytes()
+    finally:
+        kernels.use_kernels(True)
+
+
+def torch_step(params_np, cfg, batch, steps, compile):
+    """(ms per training step, peak bytes) of bench/torch_parcae.py's TrainStep on the GPU."""
+    import torch
+    import torch_parcae
+    ids, targets, depths, h0 = batch
+    train = torch_parcae.TrainStep(params_np, cfg, lambda n, s: not optim.no_weight_decay(n, s),
+                                   device="cuda", lr=1e-3, compile=compile)
+    ids_t, targets_t, h0_t = train.batch(ids, targets, h0)
+    train(ids_t, targets_t, depths, h0_t)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train(ids_t, targets_t, depths, h0_t)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3, torch.cuda.max_memory_allocated()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="parcae-140m")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per variant")
+    ap.add_argument("--repeat", type=int, default=20, help="timed calls per kernel")
+    ap.add_argument("--compile", action="store_true", help="also time the PyTorch step under torch.compile")
+    args = ap.parse_args(argv)
+    if backend.use_device("auto") != "gpu":
+        sys.exit("gpu_bench.py needs an NVIDIA GPU with CuPy: install minparcae[gpu] on a machine with one.")
+    import cupy as cp
+    cfg = model.preset(args.preset)
+    B, T = args.batch, min(args.seq, cfg.context)
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    print(f"## minparcae GPU benchmark: {name}, {args.preset}, batch {B} × {T} tokens\n")
+
+    print("### Kernels against the CuPy code they replace, ms per call\n")
+    print(table(("op", "shape", "reference", "kernel", "speed-up"), kernel_rows(cfg, B, T, args.repeat)) + "\n",
+          flush=True)
+
+    rng = np.random.default_rng(0)
+    params_np = model.init_params(cfg, seed=0, dtype=np.float32, xp=np)
+    tokens = rng.integers(0, cfg.vocab_size, (B, T + 1))
+    depths = np.full(B, cfg.mean_recurrence)  # every sequence runs μ_rec steps, μ_bwd with gradient
+    batch = (tokens[:, :-1], tokens[:, 1:], depths, model.initial_state(cfg, (B, T, cfg.d_h), "like-init", rng))
+    rows = []
+    for label, on in (("minparcae, kernels on", True), ("minparcae, kernels off (CuPy)", False)):
+        ms, peak = minparcae_step(params_np, cfg, batch, on, args.steps)
+        rows.append((label, f"{ms:.1f}", f"{B * T / ms * 1e3:,.0f}", f"{peak / 2**30:.2f}"))
+        print(f"{label}: {ms:.1f} ms/step", file=sys.stderr, flush=True)
+    cp.get_default_memory_pool().free_all_blocks()
+    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_parcae.py")):
+        for compile in (False, True) if args.compile else (False,):
+            label = "PyTorch (torch_parcae.py)" + (", torch.compile" if compile else ", eager")
+            try:
+                ms, peak = torch_step(params_np, cfg, batch, args.steps, compile)
+                rows.append((label, f"{ms:.1f}", f"{B * T / ms * 1e3:,.0f}", f"{peak / 2**30:.2f}"))
+            except Exception as e:  # a comparison, not the subject: report and go on
+                rows.append((label, f"failed: {type(e).__name__}: {e}"[:120], "", ""))
+    print(f"### Training step: forward, backward, AdamW (depth {cfg.mean_recurrence}, {cfg.backprop_depth} "
+          f"with gradient; float32)\n")
+    print(table(("implementation", "ms / step", "tokens / s", "peak GiB"), rows))
+
+
+if __name__ == "__main__":
+    main()

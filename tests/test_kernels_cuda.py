@@ -1,0 +1,302 @@
+"""The Numba CUDA kernels (minparcae/kernels/cuda.py) against the reference of the same op.
+
+Without a GPU these run under Numba's CUDA simulator (tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1),
+on NumPy arrays, at tiny shapes: rows of width 40 (and 5, narrower than a warp), 3 rows over 2
+blocks, 32 threads per block, attention with B=1, H=2, T=5..9, hs=4 or 6 and 2- or 4-row tiles, so
+every kernel runs more than one block, and the grid-stride and tile loops more than one pass.
+The simulator has no warp shuffles: there the reductions take their shared-memory path. The
+shuffle path is compiled for sm_90 here (`test_every_kernel_compiles_for_sm90`, with numba-cuda) and
+runs on a GPU, where these same tests launch the kernels on the device (Numba copies the NumPy
+arrays) and tests/test_gpu.py checks every kernel at realistic sizes on CuPy arrays.
+
+Tolerance: float32 results within 1e-5 of the float32 reference, relative to the largest magnitude
+of the reference output (only the summation order differs); AdamW within 1e-6 relative; the whole
+model through the kernels within 1e-6 (loss) and 1e-5 (each gradient, normwise) of float64.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minparcae import kernels, model, optim
+from minparcae.kernels import cuda as K
+from minparcae.ops import attention, cross_entropy, injection, rmsnorm, rotary
+
+TOL = 1e-5
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*(under-utilization|copy overhead)")
+
+
+@pytest.fixture(autouse=True)
+def small_launches(monkeypatch):
+    """Few threads and blocks, so that tiny shapes still span several blocks; frequent thread
+    switches make the simulator's barriers about three times faster."""
+    monkeypatch.setattr(K, "MAX_THREADS", 32)
+    monkeypatch.setattr(K, "ROW_BLOCKS", 2)
+    monkeypatch.setattr(K, "THREADS", 32)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def reference(fn, *args, **kw):
+    """fn with every fast path off: the ops' own NumPy code."""
+    kernels.use_kernels(False)
+    try:
+        return fn(*args, **kw)
+    finally:
+        kernels.use_kernels(True)
+
+
+def close(a, b, tol=TOL):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    scale = max(np.abs(b).max(initial=0.0), 1e-30)
+    assert np.abs(a - b).max(initial=0.0) <= tol * scale
+
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def test_registry_covers_the_contracts_in_float32_only():
+    contracts = {"rmsnorm_forward", "rmsnorm_backward", "rotary", "relu2_forward", "softmax_xent",
+                 "scatter_add", "attention_forward", "attention_backward"}
+    assert contracts <= set(K.KERNELS)
+    for func, dtypes in K.KERNELS.values():
+        assert callable(func) and dtypes == {np.dtype(np.float32)}
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (2, 1, 5)])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rmsnorm(shape, with_weight):
+    rng = np.random.default_rng(0)
+    x, g, res = randn(rng, *shape), randn(rng, *shape), randn(rng, *shape)
+    w = (1 + 0.2 * randn(rng, shape[-1])) if with_weight else None
+    y_ref, cache = reference(rmsnorm.forward, x, w)
+    y, xhat, r = K.rmsnorm_forward(x, w, rmsnorm.EPS)
+    close(y, y_ref)
+    close(xhat, cache[0])
+    close(r, cache[1])
+    grads = reference(rmsnorm.backward, g, cache)
+    dx, dw = K.rmsnorm_backward(g, xhat, r, w)
+    close(dx, grads["x"])
+    if with_weight:
+        close(dw, grads["weight"])
+    else:
+        assert dw is None
+    # the residual add fused in: forward of x + res, backward plus the residual branch's gradient
+    s, y2, xhat2, r2 = K.add_rmsnorm_forward(x, res, w, rmsnorm.EPS)
+    y2_ref, cache2 = reference(rmsnorm.forward, x + res, w)
+    close(s, x + res)
+    close(y2, y2_ref)
+    dx2, _ = K.rmsnorm_backward(g, xhat2, r2, w, dres=res)
+    close(dx2, reference(rmsnorm.backward, g, cache2)["x"] + res)
+
+
+def test_rotary_forward_and_backward():
+    """Contiguous input only: Numba takes host arrays to the device (or the simulator) only when
+    contiguous. The op's strided head view is a CuPy case, in tests/test_gpu.py."""
+    rng = np.random.default_rng(1)
+    B, H, T, hs = 1, 2, 7, 6
+    x = randn(rng, B, H, T, hs)
+    cos, sin = rotary.tables(T, hs)
+    close(K.rotary(x, cos, sin), reference(rotary.forward, x, cos, sin)[0])
+    g = randn(rng, B, H, T, hs)
+    close(K.rotary(g, cos, -sin), reference(rotary.backward, g, (cos, sin))["x"])
+
+
+def test_relu2_forward_and_backward():
+    rng = np.random.default_rng(2)
+    u = randn(rng, 3, 40)
+    u[0, :3] = 0.0, np.nan, -0.0
+    a, g = K.relu2_forward(u)
+    a_ref = u * (u > 0)
+    np.testing.assert_allclose(a, a_ref, rtol=TOL, equal_nan=True)
+    np.testing.assert_allclose(g, 0.5 * a_ref * a_ref, rtol=TOL, equal_nan=True)
+    dg = randn(rng, 3, 40)
+    np.testing.assert_allclose(K.relu2_backward(dg, a), dg * a, rtol=TOL, equal_nan=True)
+
+
+def test_softmax_xent():
+    rng = np.random.default_rng(3)
+    z = 30 * randn(rng, 3, 40)
+    z[1] += 1e4  # logits far from 0: the row max keeps exp() in range
+    targets = np.array([5, 39, 0])
+    valid = np.array([True, True, False])
+    loss_rows, grad = K.softmax_xent(z, targets, valid, 2)
+    loss_ref, grad_ref = cross_entropy.softmax_xent(z, targets, valid, 2)
+    close(loss_rows, loss_ref)
+    close(grad, grad_ref)
+    assert not grad[2].any() and loss_rows[2] == 0
+
+
+def test_scatter_add_sums_repeated_rows():
+    rng = np.random.default_rng(4)
+    rows = np.array([0, 3, 0, 4, 3, 3])
+    values = randn(rng, len(rows), 40)
+    table = np.zeros((5, 40), np.float32)
+    K.scatter_add(table, rows, values)
+    expected = np.zeros_like(table)
+    np.add.at(expected, rows, values)
+    close(table, expected)
+
+
+@pytest.mark.parametrize("T, hs, tiles", [(5, 4, (4, 4, 2)), (9, 4, (4, 4, 2)), (9, 4, (2, 4, 2)),
+                                          (8, 6, (4, 2, 2)), (7, 4, (4, 4, 1))])
+def test_flash_attention(T, hs, tiles):
+    rng = np.random.default_rng(5)
+    q, k, v, dy = (randn(rng, 1, 2, T, hs) for _ in range(4))
+    scale = hs ** -0.5
+    y_ref, cache_ref = attention.causal_attention_forward(q, k, v, scale)
+    y, cache = K.attention_forward(q, k, v, scale, tiles=tiles)
+    close(y, y_ref)
+    for got, want in zip(K.attention_backward(dy, cache), attention.causal_attention_backward(dy, cache_ref)):
+        close(got, want)
+
+
+def test_simple_attention_kernel():
+    rng = np.random.default_rng(6)
+    q, k, v, dy = (randn(rng, 1, 2, 9, 4) for _ in range(4))
+    y, cache = K.attention_forward_simple(q, k, v, 0.5)
+    y_ref, cache_ref = attention.causal_attention_forward(q, k, v, 0.5)
+    close(y, y_ref)
+    for got, want in zip(K.attention_backward(dy, cache), attention.causal_attention_backward(dy, cache_ref)):
+        close(got, want)
+
+
+def test_diagonal_injection():
+    """The kernels give the state step's output and, through dĀ, every gradient of state_backward."""
+    rng = np.random.default_rng(7)
+    p = {"inject.A_log": 0.3 * randn(rng, 40), "inject.dt_bias": randn(rng, 40)}
+    h, u, dx = randn(rng, 2, 3, 40), randn(rng, 2, 3, 40), randn(rng, 2, 3, 40)
+    x_ref, cache = injection.state_forward("diagonal", p, h, u)
+    _, _, A_bar, delta, a = cache
+    close(K.injection_forward(h, u, A_bar), x_ref)
+    dh, dA_bar = K.injection_backward(dx, h, A_bar)
+    want = injection.state_backward(dx, cache, p)
+    close(dh, want["h"])
+    g = dA_bar * A_bar
+    close(-g * delta * a, want["inject.A_log"])
+    close(-g * a * injection.sigmoid(p["inject.dt_bias"]), want["inject.dt_bias"])
+
+
+def test_adamw_step_matches_optim_adamw():
+    rng = np.random.default_rng(8)
+    params = {"core.0.mlp.fc": randn(rng, 5, 8), "core.0.norm1": randn(rng, 8)}  # decayed, not decayed
+    ours = {k: v.copy() for k, v in params.items()}
+    moments = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in params.items()}
+    opt = optim.AdamW(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    for t in range(1, 4):
+        grads = {k: randn(rng, *v.shape) for k, v in params.items()}
+        opt.step(params, grads, lr=1e-2)
+        for name, g in grads.items():
+            wd = 0.0 if optim.no_weight_decay(name, g.shape) else 0.1
+            K.adamw_step(ours[name], g, *moments[name], 1e-2, 0.8, 0.95, 1e-10, wd, 1 - 0.8 ** t, 1 - 0.95 ** t)
+    for name in params:
+        close(ours[name], params[name], 1e-6)
+        close(moments[name][0], opt.m[name], 1e-6)
+        close(moments[name][1], opt.v[name], 1e-6)
+
+
+COMPILE_CHECK = r"""
+import types
+import numpy as np
+import numba.cuda.dispatcher
+from numba import cuda, typeof
+
+
+@cuda.jit(device=True)
+def plus_one(a):
+    return a + 1
+
+
+def probe(x):
+    x[0] = plus_one(x[0])
+
+
+if getattr(cuda, "implementation", "") != "NVIDIA":
+    print("SKIP numba-cuda is not installed (Numba's own CUDA target is deprecated)")
+    raise SystemExit(0)
+try:  # device functions ask the current device for its compute capability: answer for the target
+    numba.cuda.dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+    cuda.compile_ptx(probe, (typeof(np.zeros(1, np.float32)),), cc=(9, 0))
+except Exception as e:  # no NVVM or NVRTC library
+    print("SKIP", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    raise SystemExit(0)
+
+from minparcae.kernels import cuda as K
+launched = []
+K._launch = lambda kernel, grid, block, *args: launched.append((kernel, args))
+rng = np.random.default_rng(0)
+f = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+x, w, r = f(6, 768), f(768), f(6, 1)
+K.rmsnorm_forward(x, w, 1e-5); K.add_rmsnorm_forward(x, x, None, 1e-5)
+K.rmsnorm_backward(x, x, r, w); K.rmsnorm_backward(x, x, r, None, dres=x)
+cos, sin = f(16, 64), f(16, 64)
+K.rotary(f(2, 16, 6, 128).transpose(0, 2, 1, 3), cos, sin); K.rotary(f(2, 6, 16, 128), cos, sin)
+K.relu2_forward(x); K.relu2_backward(x, x)
+K.softmax_xent(f(4, 100), np.zeros(4, np.int64), np.ones(4, bool), 4)
+K.scatter_add(f(10, 768), np.zeros(6, np.int64), x)
+K.injection_forward(x, x, w); K.injection_backward(x, x, w)
+K.adamw_step(x, x, x, x, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.1, 0.05)
+for hs in (32, 128, 256):
+    q = f(1, 2, 16, hs)
+    K.attention_backward(q, K.attention_forward(q, q, q, 0.1)[1])
+K.attention_forward_simple(q, q, q, 0.1)
+REDUCING = {"_rmsnorm_forward", "_rmsnorm_backward", "_softmax_xent", "forward"}  # flash forward
+compiled = set()
+for kernel, args in launched:
+    signature = tuple(typeof(a) for a in args)
+    if (kernel, signature) not in compiled:
+        compiled.add((kernel, signature))
+        ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
+        name = kernel.py_func.__name__
+        assert ".target sm_90" in ptx and ".f64" not in ptx, name
+        assert ("shfl.sync" in ptx) == (name in REDUCING), name
+print("COMPILED", len(compiled))
+"""
+
+
+def test_every_kernel_compiles_for_sm90():
+    """Each kernel as the wrappers launch it, compiled to PTX for sm_90 (Hopper) with the warp-shuffle
+    reductions, in float32 only. Needs numba-cuda with its NVVM and NVRTC libraries, not a GPU;
+    skipped where those are missing."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    out = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    if out.stdout.startswith("SKIP"):
+        pytest.skip("cannot compile CUDA kernels here: " + out.stdout.strip())
+    assert "COMPILED" in out.stdout
+
+
+def test_model_through_the_cuda_kernels(monkeypatch):
+    """A small model (grouped heads, value embeddings, sequences of unequal depth) with every op
+    routed to the CUDA kernels, on NumPy arrays: loss and gradients within 1e-5 (normwise) of float64.
+    Rotary gets contiguous input here only because the simulator takes nothing else."""
+    routed = {name: (func, {np.dtype(np.float32)}) for name, (func, _) in K.KERNELS.items()}
+    routed["rotary"] = (lambda x, cos, sin: K.rotary(np.ascontiguousarray(x), cos, sin), routed["rotary"][1])
+    cfg = model.Config(vocab_size=32, context=8, d_model=16, n_head=2, n_kv_head=1, n_prelude=1,
+                       n_recurrent=1, n_coda=1, mean_recurrence=2, backprop_depth=2, value_embeddings=True)
+    rng = np.random.default_rng(9)
+    p32 = {k: (v + 0.02 * rng.standard_normal(v.shape)).astype(np.float32)
+           for k, v in model.init_params(cfg, seed=0, dtype=np.float32, xp=np).items()}
+    ids = rng.integers(0, cfg.vocab_size, (2, 6))
+    h0 = model.initial_state(cfg, (2, 5, cfg.d_h), "like-init", rng, np.float32)
+
+    def run(p):
+        loss, cache, _ = model.forward(p, cfg, ids[:, :-1], ids[:, 1:], depths=np.array([2, 1]),
+                                       h0=h0.astype(p["wte"].dtype), train=True)
+        return loss, model.backward(p, cfg, cache)
+
+    loss64, grads64 = reference(run, {k: v.astype(np.float64) for k, v in p32.items()})
+    monkeypatch.setattr(kernels, "_load", lambda device: routed)
+    loss32, grads32 = run(p32)
+    assert abs(loss32 - loss64) <= 1e-6 * loss64
+    for name, g in grads64.items():
+        assert np.linalg.norm(grads32[name] - g) <= 1e-5 * np.linalg.norm(g), name
