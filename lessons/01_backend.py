@@ -1,0 +1,111 @@
+"""Lesson 1: arrays on CPU and GPU, the `xp` backend.
+
+    python lessons/01_backend.py
+
+Everything in minparcae is arithmetic on arrays. On a laptop those arrays are NumPy arrays; on an
+NVIDIA GPU they are CuPy arrays. CuPy copies NumPy's interface almost name for name (`cupy.exp`,
+`cupy.matmul`, `a.sum(axis=-1)`, ...), so a function that receives its array module as a variable,
+by convention called `xp`, runs unchanged on either device. This lesson shows how minparcae picks
+that module, how an op finds it, how data moves between devices, and why the gradient checks of the
+next lessons run in float64.
+"""
+
+import numpy as np
+
+from minparcae import backend, kernels
+from minparcae.ops import injection, rmsnorm
+
+# ---------------------------------------------------------------------------------------------
+# 1. Which device?
+#
+# `backend.use_device` decides where new arrays (parameters, batches) are created: an explicit
+# choice ("cpu" or "gpu"), else the environment variable MINPARCAE_DEVICE, else "auto", which
+# takes the GPU only when CuPy imports *and* the CUDA runtime answers. `backend.get_xp()` returns
+# the module of the active device.
+
+xp = backend.get_xp()
+print(f"active device: {backend.device()}  (array module: {xp.__name__})")
+assert backend.device() in ("cpu", "gpu")
+assert xp.__name__ == ("numpy" if backend.device() == "cpu" else "cupy")
+
+# ---------------------------------------------------------------------------------------------
+# 2. Ops never choose a device: they ask their input.
+#
+# Every op begins with `xp = array_module(x)`, the module that owns its input. Here is softplus,
+# which Parcae uses for its step size Δ = softplus(dt_bias) (lesson 8), as ops/injection.py
+# writes it:
+#
+#     def softplus(x):
+#         xp = array_module(x)
+#         return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+#
+# The formula is softplus(x) = log(1 + eˣ) rewritten as max(x, 0) + log(1 + e^(−|x|)), which is the
+# same number but never exponentiates a large positive value.
+
+x_host = np.array([-1000.0, -1.0, 0.0, 1.0, 1000.0])
+x = backend.to_device(x_host)                          # a copy on the active device
+assert backend.array_module(x) is xp
+y = backend.to_host(injection.softplus(x))             # computed there, copied back to NumPy
+with np.errstate(over="ignore"):
+    naive = np.log(1.0 + np.exp(x_host))               # e^1000 overflows to inf
+print("softplus:", y)
+print("naive log(1 + e^x):", naive)
+assert abs(y[2] - np.log(2.0)) < 1e-15                  # softplus(0) = ln 2
+assert y[4] == 1000.0 and np.isinf(naive[4])           # the rewritten form survives x = 1000
+assert y[0] == 0.0                                     # and underflows gracefully at x = −1000
+
+# `to_device` and `to_host` are the only two places data crosses between devices. On the CPU both
+# are (almost) free; on a GPU they are copies over the PCIe bus, which is why the trainer keeps
+# parameters on the device and only brings back a few scalars per step.
+assert np.array_equal(backend.to_host(backend.to_device(x_host)), x_host)
+
+# When a GPU is present, the same op runs on both devices and agrees to float32 rounding.
+if backend.gpu_available():
+    import cupy
+    a = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    cpu_out, _ = rmsnorm.forward(a)
+    gpu_out, _ = rmsnorm.forward(cupy.asarray(a))
+    diff = float(np.abs(cupy.asnumpy(gpu_out) - cpu_out).max())
+    print(f"RMSNorm, CPU vs GPU: max |difference| = {diff:.1e}")
+    assert diff < 1e-5
+else:
+    print("no GPU here: every op below runs on NumPy, and would run unchanged on CuPy")
+
+# ---------------------------------------------------------------------------------------------
+# 3. float32 for training, float64 for checking.
+#
+# Parameters and activations default to float32 (`backend.dtype()`), which halves memory and is
+# what GPUs are fast at. Its unit roundoff is u = 2⁻²⁴ ≈ 6e-8: 1 + 1e-8 is exactly 1 in float32.
+# Gradient checks (lesson 2) compare a hand-written backward with the central difference
+#
+#     g ≈ (f(θ + ε) − f(θ − ε)) / (2ε),
+#
+# whose rounding error is about u·|f|/ε. In float32 that swamps the answer; in float64
+# (u = 2⁻⁵³ ≈ 1e-16) it leaves about ten correct digits at ε = 1e-6. So every check runs in float64.
+
+assert backend.dtype() is np.float32
+print(f"unit roundoff: float32 {np.finfo(np.float32).eps / 2:.1e}, "
+      f"float64 {np.finfo(np.float64).eps / 2:.1e}")
+assert np.float32(1) + np.float32(1e-8) == np.float32(1)
+assert np.float64(1) + np.float64(1e-8) != np.float64(1)
+
+for dtype in (np.float32, np.float64):
+    theta, eps = dtype(0.5), dtype(1e-6)
+    numeric = (np.exp(theta + eps) - np.exp(theta - eps)) / (2 * eps)
+    err = abs(float(numeric) - np.exp(0.5)) / np.exp(0.5)
+    print(f"d/dθ e^θ at 0.5 by central differences in {np.dtype(dtype).name}: "
+          f"relative error {err:.1e}")
+    assert (err > 1e-3) if dtype is np.float32 else (err < 1e-9)
+
+# ---------------------------------------------------------------------------------------------
+# 4. Fast paths, and why these lessons switch them off.
+#
+# Some ops ask `kernels.fast(name, x)` for a compiled replacement on x's device (Numba on the CPU,
+# CUDA kernels on the GPU) and run their readable `xp` code when the answer is None. A replacement
+# must compute the same numbers. The lessons explain the readable code, so they run exactly that:
+# each one calls `kernels.use_kernels(False)` first. (At the toy sizes used here the compiled
+# versions would not be faster anyway.)
+
+kernels.use_kernels(False)
+assert kernels.fast("rmsnorm_forward", np.zeros((2, 8), dtype=np.float32)) is None
+print("lesson 1 passed")

@@ -1,0 +1,141 @@
+"""Lesson 2: a linear layer's backward by hand, and finite differences to check it.
+
+    python lessons/02_linear.py
+
+minparcae has no autograd. Every op is a pair: `forward(...) -> (out, cache)` computes the output
+and keeps what the backward will need; `backward(dout, cache) -> grads` receives G = ∂L/∂out, the
+gradient of some scalar loss L with respect to the op's output, and returns the gradients with
+respect to the op's inputs. Chaining these pairs backwards through a network is backpropagation.
+This lesson derives the simplest pair, the linear layer, checks it numerically, and then composes
+two of them into the MLP that every transformer block contains.
+"""
+
+import numpy as np
+
+from minparcae import kernels
+from minparcae.gradcheck import check_op, numeric_grad, rel_error
+from minparcae.ops import linear, mlp
+
+kernels.use_kernels(False)  # run the readable reference code of each op (lesson 1)
+rng = np.random.default_rng(0)
+
+# ---------------------------------------------------------------------------------------------
+# 1. The forward: y = x W.
+#
+# x is (N, n_in): N rows (in the model, every token of every sequence), n_in features each.
+# W is (n_in, n_out). minparcae stores every matrix (in, out), so every layer is `x @ W`.
+
+x = rng.standard_normal((5, 3))
+W = rng.standard_normal((3, 4))
+y, cache = linear.forward(x, W)
+assert y.shape == (5, 4) and np.allclose(y, x @ W)
+
+# ---------------------------------------------------------------------------------------------
+# 2. The backward, by hand.
+#
+# Write the product out: y_ij = Σ_k x_ik W_kj. Then, with G_ij = ∂L/∂y_ij and the chain rule,
+#
+#     ∂L/∂x_ik = Σ_j G_ij ∂y_ij/∂x_ik = Σ_j G_ij W_kj    →   dL/dx = G Wᵀ      (N, n_in)
+#     ∂L/∂W_kj = Σ_i G_ij ∂y_ij/∂W_kj = Σ_i x_ik G_ij    →   dL/dW = xᵀ G      (n_in, n_out)
+#
+# A shortcut to remember them: a gradient has the shape of the thing it is the gradient of, and
+# there is only one way to multiply G (N, n_out) with W (n_in, n_out) into (N, n_in), and one way
+# to multiply x with G into (n_in, n_out). ops/linear.py:
+#
+#     dx = dout @ w.T
+#     dw = x.reshape(-1, x.shape[-1]).T @ dout.reshape(-1, dout.shape[-1])
+#
+# (the reshape lets x carry any leading axes, e.g. (B, T, n_in), and sums over all of them).
+#
+# To test it we need a scalar loss. Any will do; a projection onto a fixed random R,
+#     L = Σ_ij y_ij R_ij,
+# has ∂L/∂y = R exactly, so R is the G that the backward receives.
+
+R = rng.standard_normal(y.shape)
+grads = linear.backward(R, cache)
+
+# ---------------------------------------------------------------------------------------------
+# 3. Finite differences.
+#
+# Nudge one entry θ_i of an input by ±ε, recompute L, and divide:
+#     ∂L/∂θ_i ≈ (L(θ + ε e_i) − L(θ − ε e_i)) / (2ε).
+# `gradcheck.numeric_grad` does exactly this, entry by entry, perturbing the array in place.
+
+
+def loss():
+    return float((linear.forward(x, W)[0] * R).sum())
+
+
+_, g_x = numeric_grad(loss, x)
+_, g_W = numeric_grad(loss, W)
+err_x = rel_error(grads["x"], g_x)
+err_W = rel_error(grads["w"], g_W)
+print(f"linear: relative error dx {err_x:.1e}, dW {err_W:.1e}")
+assert err_x < 1e-9 and err_W < 1e-9
+
+# The error is normwise, max|a − n| / max(|a|, |n|), so one number per tensor, free of scale. A
+# wrong backward does not give 1e-3, it gives O(1). A classic slip is forgetting a transpose; with
+# a square W the shapes still fit, so only a check like this one notices:
+W_sq = rng.standard_normal((3, 3))
+_, c_sq = linear.forward(x, W_sq)
+R_sq = rng.standard_normal((5, 3))
+wrong_dx = R_sq @ W_sq                                  # should be R_sq @ W_sq.T
+_, g_sq = numeric_grad(lambda: float((linear.forward(x, W_sq)[0] * R_sq).sum()), x)
+err_wrong = rel_error(wrong_dx, g_sq)
+err_right = rel_error(linear.backward(R_sq, c_sq)["x"], g_sq)
+print(f"forgotten transpose: relative error {err_wrong:.2f} (the right backward: {err_right:.1e})")
+assert err_wrong > 0.1 and err_right < 1e-9
+
+# ---------------------------------------------------------------------------------------------
+# 4. Composing ops: the ReLU² MLP.
+#
+# Each transformer block holds an MLP, ops/mlp.py, built from two linear layers:
+#
+#     u = x W_fc,   a = relu(u),   g = ½ a²,   y = g W_proj
+#
+# Its backward is the chain rule read bottom up, each linear layer handled by the pair above. The
+# only new factor is d(½ relu(u)²)/du = relu(u) = a, which the forward already computed:
+#
+#     g_proj = linear.backward(dout, proj_cache)            # dL/dg and dL/dW_proj
+#     g_fc   = linear.backward(g_proj["x"] * a, fc_cache)   # dL/du = dL/dg ⊙ a
+#
+# `gradcheck.check_op` runs the whole recipe for any op: it projects the output onto a random R,
+# calls the backward with dout = R, and compares every returned gradient with central differences.
+
+worst, errors = check_op(mlp.forward, mlp.backward,
+                         {"x": rng.standard_normal((2, 3, 8)),
+                          "w_fc": rng.standard_normal((8, 32)) / 8**0.5,
+                          "w_proj": rng.standard_normal((32, 8)) / 32**0.5})
+print("MLP:", {k: f"{v:.1e}" for k, v in errors.items()})
+assert worst < 1e-8
+
+# ---------------------------------------------------------------------------------------------
+# 5. Choosing ε.
+#
+# Taylor-expand both nudges: f(θ ± ε) = f ± ε f' + ½ε² f'' ± ⅙ε³ f''' + ..., so the difference
+# quotient is f' + ⅙ε² f''' + ...: the f'' terms cancel, and the central difference is exact for
+# any quadratic. The MLP is piecewise quadratic in W_fc (½ relu(u)² on each side of u = 0), so the
+# sweep below sees two effects only. At large ε the nudge carries some u across ReLU's kink at 0,
+# where the formula changes. At small ε rounding takes over: float64 knows L only to about
+# 1e-16·|L|, dividing by 2ε amplifies that, and the error grows like 1/ε. For smooth ops (softmax,
+# RMSNorm) the ⅙ε² f''' term joins in, and the total is smallest near ε ≈ (1e-16)^(1/3) ≈ 5e-6;
+# minparcae uses ε = 1e-6 (gradcheck.EPS), which leaves about ten correct digits.
+
+xm = rng.standard_normal((2, 8))
+w_fc = rng.standard_normal((8, 32)) / 8**0.5
+w_proj = rng.standard_normal((32, 8)) / 32**0.5
+Rm = rng.standard_normal((2, 8))
+_, mlp_cache = mlp.forward(xm, w_fc, w_proj)
+exact = mlp.backward(Rm, mlp_cache)["w_fc"]
+print("   ε       error of dW_fc")
+errs = {}
+for eps in (1e-1, 1e-3, 1e-5, 1e-7, 1e-9, 1e-11):
+    idx, g = numeric_grad(lambda: float((mlp.forward(xm, w_fc, w_proj)[0] * Rm).sum()), w_fc,
+                          eps=eps)
+    errs[eps] = rel_error(exact.reshape(-1)[idx], g)
+    print(f"  {eps:.0e}   {errs[eps]:.1e}")
+assert errs[1e-1] > 1e-4            # too large: the nudge crosses ReLU's kink
+assert errs[1e-11] > 1e-7           # too small: rounding dominates
+assert errs[1e-3] < 1e-12 and errs[1e-5] < 1e-10
+assert errs[1e-9] > 10 * errs[1e-5]  # rounding error ∝ 1/ε
+print("lesson 2 passed")

@@ -1,0 +1,171 @@
+"""Lesson 5: causal self-attention with rotary embeddings and QK-norm, forward and backward.
+
+    python lessons/05_attention.py
+
+Attention is how a token reads the tokens before it. Each position emits a query q, a key k and a
+value v; a position's output is an average of the values of earlier positions, weighted by how well
+their keys match its query. minparcae's attention (ops/attention.py) adds two details: rotary
+embeddings, which tell the dot product q·k how far apart two tokens are, and QK-norm, which keeps
+those dot products in a fixed range. This lesson builds the forward from its pieces, checks that
+the pieces do what they promise, and checks the backward with finite differences.
+"""
+
+import numpy as np
+
+from minparcae import kernels
+from minparcae.gradcheck import check_grads, check_op
+from minparcae.ops import attention, rmsnorm, rotary
+
+kernels.use_kernels(False)  # run the readable reference code of each op (lesson 1)
+rng = np.random.default_rng(0)
+
+# ---------------------------------------------------------------------------------------------
+# 1. Rotary position embeddings (ops/rotary.py).
+#
+# A head vector q ∈ R^hs is cut into hs/2 adjacent pairs, and at position p pair i is rotated by
+# the angle p·θ_i, with θ_i = base^(−2i/hs) (base 50,000): fast rotations in the first pairs, slow
+# ones in the last. Writing R_p for that block-diagonal rotation, the score between a query at
+# position m and a key at position n is
+#     (R_m q)·(R_n k) = q · R_mᵀ R_n k = q · R_(n−m) k,
+# which depends on the positions only through their distance n − m. `rotary.tables` gives the cos
+# and sin of p·θ_i, `rotary.forward` rotates:
+#
+#     y[..., 0::2] = x1 * cos - x2 * sin
+#     y[..., 1::2] = x1 * sin + x2 * cos
+
+hs = 8
+q = rng.standard_normal((1, 1, 1, hs))   # (B, H, T, hs) with B = H = T = 1
+k = rng.standard_normal((1, 1, 1, hs))
+
+
+def at(x, position):
+    """x rotated as if it sat at `position`."""
+    return rotary.forward(x, *rotary.tables(1, hs, offset=position, dtype=np.float64))[0]
+
+
+near = float((at(q, 3) * at(k, 1)).sum())         # m = 3, n = 1
+far = float((at(q, 1003) * at(k, 1001)).sum())    # same distance, 1000 positions later
+print(f"q·k at positions (3, 1): {near:.12f}; at (1003, 1001): {far:.12f}")
+assert abs(near - far) < 1e-9
+assert abs(np.linalg.norm(at(q, 1003)) - np.linalg.norm(q)) < 1e-12   # rotations keep lengths
+
+# A rotation's inverse is its transpose, so the backward is the rotation by −p·θ_i
+# (`rotary.backward` passes −sin). Rotating forward and then backward gives the input back:
+cos, sin = rotary.tables(5, hs, dtype=np.float64)
+x = rng.standard_normal((2, 3, 5, hs))
+back = rotary.backward(rotary.forward(x, cos, sin)[0], (cos, sin))["x"]
+assert np.abs(back - x).max() < 1e-15
+
+# ---------------------------------------------------------------------------------------------
+# 2. The forward, piece by piece.
+#
+# For input x (B, T, d) and H heads of size hs = d/H:
+#     q = x W_q,  k = x W_k,  v = x W_v                      split into heads: (B, H, T, hs)
+#     q ← N(RoPE(q)),  k ← N(RoPE(k))                       N = RMSNorm without gain (QK-norm)
+#     S = q kᵀ / √hs,   S_ij = −∞ for j > i                  (B, H, T, T), causal
+#     P = softmax(S) over j,   Y = P v                      (B, H, T, hs)
+#     y = concat_heads(Y) W_o                               (B, T, d)
+# Below, the same lines written out with the library's pieces, then compared with the op.
+
+B, T, H, d = 2, 6, 2, 16
+hs = d // H
+x = rng.standard_normal((B, T, d))
+wq, wk, wv, wo = (rng.standard_normal((d, d)) / d**0.5 for _ in range(4))
+cos, sin = rotary.tables(T, hs, dtype=np.float64)
+
+
+def heads(t):
+    """(B, T, H·hs) -> (B, H, T, hs)"""
+    return t.reshape(B, T, H, hs).transpose(0, 2, 1, 3)
+
+
+qh = rmsnorm.forward(rotary.forward(heads(x @ wq), cos, sin)[0])[0]
+kh = rmsnorm.forward(rotary.forward(heads(x @ wk), cos, sin)[0])[0]
+vh = heads(x @ wv)
+Yh, (_, _, _, P, _) = attention.causal_attention_forward(qh, kh, vh, 1 / hs**0.5)
+y_pieces = Yh.transpose(0, 2, 1, 3).reshape(B, T, d) @ wo
+y_op, _ = attention.forward(x, wq, wk, wv, wo, cos, sin, n_head=H, n_kv_head=H)
+print(f"pieces vs attention.forward: max |difference| {np.abs(y_pieces - y_op).max():.1e}")
+assert np.abs(y_pieces - y_op).max() < 1e-14
+
+# Causality: P is lower triangular (position i gives no weight to j > i), so each output depends
+# only on the inputs up to its own position. Changing the last three tokens leaves the first
+# three outputs bit for bit unchanged.
+assert np.all(np.triu(P, 1) == 0) and np.allclose(P.sum(axis=-1), 1)
+x_changed = x.copy()
+x_changed[:, 3:] = rng.standard_normal((B, T - 3, d))
+y_changed, _ = attention.forward(x_changed, wq, wk, wv, wo, cos, sin, n_head=H, n_kv_head=H)
+assert np.array_equal(y_changed[:, :3], y_op[:, :3])
+assert not np.allclose(y_changed[:, 3:], y_op[:, 3:])
+
+# ---------------------------------------------------------------------------------------------
+# 3. QK-norm keeps the scores bounded.
+#
+# After the gainless RMSNorm, ‖q‖ = ‖k‖ = √hs (up to eps), so by Cauchy–Schwarz
+#     |S_ij| = |q·k| / √hs ≤ ‖q‖‖k‖ / √hs = √hs,
+# however large the weights grow. Without it, scores scale with the square of the weights and the
+# softmax can collapse onto one key, where its gradient vanishes. Scale all weights by 100:
+
+big = [100 * w for w in (wq, wk)]
+qb = rmsnorm.forward(rotary.forward(heads(x @ big[0]), cos, sin)[0])[0]
+kb = rmsnorm.forward(rotary.forward(heads(x @ big[1]), cos, sin)[0])[0]
+S_normed = np.abs(qb @ kb.transpose(0, 1, 3, 2)).max() / hs**0.5
+qr = rotary.forward(heads(x @ big[0]), cos, sin)[0]
+kr = rotary.forward(heads(x @ big[1]), cos, sin)[0]
+S_raw = np.abs(qr @ kr.transpose(0, 1, 3, 2)).max() / hs**0.5
+print(f"weights ×100: max |S| with QK-norm {S_normed:.2f} (bound √hs = {hs**0.5:.2f}), "
+      f"without {S_raw:.0f}")
+assert S_normed <= hs**0.5 and S_raw > 1000
+
+# ---------------------------------------------------------------------------------------------
+# 4. The backward.
+#
+# Bottom up, with G = ∂L/∂y, each line is the chain rule through one line of the forward:
+#     dY = G W_oᵀ (split into heads),   dW_o = concat(Y)ᵀ G                 (lesson 2)
+#     dP = dY vᵀ,   dv = Pᵀ dY                                              (Y = P v is linear)
+#     dS = P ⊙ (dP − rowsum(dP ⊙ P))                                        softmax
+#     dq = dS k / √hs,   dk = dSᵀ q / √hs                                   (S = q kᵀ/√hs)
+#     then back through N (lesson 4) and RoPE (rotate by −pθ), and dx = dq W_qᵀ + dk W_kᵀ + dv W_vᵀ.
+#
+# The softmax line comes from its Jacobian. For one row p = softmax(s), ∂p_i/∂s_j = p_i(δ_ij − p_j),
+# i.e. J = diag(p) − p pᵀ, and J dp = p ⊙ dp − p (p·dp) = p ⊙ (dp − p·dp). Masked entries have
+# p = 0, so they receive no gradient. `causal_attention_backward`:
+#
+#     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
+#
+# Check the softmax line alone against the explicit Jacobian of one row:
+p_row = P[0, 0, -1]                              # the last position sees all T keys
+dp_row = rng.standard_normal(T)
+J = np.diag(p_row) - np.outer(p_row, p_row)
+ds_row = p_row * (dp_row - (dp_row * p_row).sum())
+assert np.abs(J @ dp_row - ds_row).max() < 1e-15
+
+# Then the core, Y = softmax(q kᵀ/√hs) v, against finite differences:
+_, core_cache = attention.causal_attention_forward(qh, kh, vh, 1 / hs**0.5)
+R = rng.standard_normal(Yh.shape)
+dq, dk, dv = attention.causal_attention_backward(R, core_cache)
+core_in = {"q": qh.copy(), "k": kh.copy(), "v": vh.copy()}
+errors = check_grads(
+    lambda: float((attention.causal_attention_forward(**core_in, scale=1 / hs**0.5)[0] * R).sum()),
+    core_in, {"q": dq, "k": dk, "v": dv})
+print("softmax(qkᵀ)v:", {k: f"{v:.1e}" for k, v in errors.items()})
+assert max(errors.values()) < 1e-8
+
+# And the whole op, every weight. Here with grouped-query attention: 4 query heads share 2
+# key/value heads (each K/V head's gradient is the sum over the query heads that read it), and with
+# the optional value embedding ve mixed into v through the gate 2σ(x[..., :n_g] W_g).
+d, H, H_kv = 16, 4, 2
+hs = d // H
+cos, sin = rotary.tables(T, hs, dtype=np.float64)
+inputs = {"x": rng.standard_normal((B, T, d)),
+          "wq": rng.standard_normal((d, d)) / d**0.5,
+          "wk": rng.standard_normal((d, H_kv * hs)) / d**0.5,
+          "wv": rng.standard_normal((d, H_kv * hs)) / d**0.5,
+          "wo": rng.standard_normal((d, d)) / d**0.5,
+          "ve": rng.standard_normal((B, T, H_kv * hs)),
+          "w_gate": rng.standard_normal((8, H_kv))}
+worst, errors = check_op(attention.forward, attention.backward, inputs, cos=cos, sin=sin,
+                         n_head=H, n_kv_head=H_kv)
+print("attention.forward/backward:", {k: f"{v:.1e}" for k, v in errors.items()})
+assert worst < 1e-8 and set(errors) == set(inputs)
+print("lesson 5 passed")

@@ -1,0 +1,169 @@
+"""Lesson 7: the looped block. Prelude, recurrence, coda.
+
+    python lessons/07_looped_block.py
+
+A transformer gets deeper by stacking more blocks, each with its own weights. A looped transformer
+gets deeper by running the same blocks again. Parcae splits the model in three:
+
+    ids ─wte─▶ prelude (n_p blocks) ─RMSNorm─▶ e                     run once
+    h_t = R(Ā h_{t−1} + B̄ e),  t = 1..T                                R: n_r blocks, run T times
+    h_T ─C─▶ coda (n_c blocks) ─RMSNorm─▶ logits = x wteᵀ             run once
+
+The prelude turns tokens into e, the input injected at every loop step; the recurrent block R
+refines a state h for T steps; the coda reads out the final state. This lesson assembles that
+forward pass from the library's pieces and checks it against model.forward, then counts what the
+loop costs: the parameters do not grow with T, the FLOPs do, and the activation memory that
+training keeps grows with the number of steps that are backpropagated, μ_bwd, not with T.
+"""
+
+from dataclasses import replace
+
+import numpy as np
+
+from minparcae import kernels, model
+from minparcae.ops import embedding, injection, rmsnorm, rotary
+
+kernels.use_kernels(False)  # run the readable reference code of each op (lesson 1)
+rng = np.random.default_rng(0)
+
+# ---------------------------------------------------------------------------------------------
+# 1. The parts.
+#
+# A Config describes the whole model; `model.layers` lists its blocks in order and
+# `model.param_shapes` every parameter (the flat dict that is also the checkpoint).
+
+cfg = model.Config(vocab_size=64, context=16, d_model=16, n_head=2, n_prelude=1, n_recurrent=2,
+                   n_coda=1, mean_recurrence=4, backprop_depth=2)
+print("blocks:", [name for name, _ in model.layers(cfg)])
+shapes = model.param_shapes(cfg)
+print("injection and read-out:", {k: v for k, v in shapes.items()
+                                   if k.startswith(("inject.", "C", "prelude_norm"))})
+assert [name for name, _ in model.layers(cfg)] == ["prelude.0", "core.0", "core.1", "coda.0"]
+
+# ---------------------------------------------------------------------------------------------
+# 2. The forward pass, assembled by hand.
+#
+# A freshly initialised block is the identity map (its output projections start at zero, so
+# x + attn(·) + mlp(·) = x). To see every part at work, add noise to all parameters, as a little
+# training would.
+
+p = {k: v + 0.3 * rng.standard_normal(v.shape)
+     for k, v in model.init_params(cfg, seed=0, dtype=np.float64, xp=np).items()}
+B, T_seq, T = 2, 12, 5                       # batch, sequence length, loop steps
+ids = rng.integers(0, cfg.vocab_size, (B, T_seq))
+h0 = model.initial_state(cfg, (B, T_seq, cfg.d_h), "seeded", dtype=np.float64)
+# rotary cos/sin tables (lesson 5); the loop state has the model's width here (d_h = d), so one
+# table serves every block
+rope = rotary.tables(T_seq, cfg.d_model // cfg.n_head, cfg.rope_base, dtype=np.float64)
+
+# Prelude: embed, run the prelude blocks once, normalise. e is fixed for the whole loop.
+x, _ = embedding.forward(ids, p["wte"])                                  # (B, T_seq, d)
+for i in range(cfg.n_prelude):
+    x, _ = model.block_forward(p, f"prelude.{i}", x, rope, cfg)
+e, _ = rmsnorm.forward(x, p["prelude_norm"])
+
+# Recurrence: h_t = R(Ā h_{t−1} + B̄ e). B̄e does not change between steps, so it is computed once
+# (`injection.input_forward`); each step only applies Ā to the state (`injection.state_forward`)
+# and runs the shared blocks, the same parameters "core.0", "core.1" on every step.
+u, _ = injection.input_forward(cfg.injection, p, e)                      # B̄ e
+h = h0
+for _ in range(T):
+    x, _ = injection.state_forward(cfg.injection, p, h, u)               # Ā h + B̄ e
+    for i in range(cfg.n_recurrent):
+        x, _ = model.block_forward(p, f"core.{i}", x, rope, cfg)
+    h = x
+
+# Coda: map the state back to the model width with C, run the coda blocks, read out through the
+# tied embedding.
+x = h @ p["C"]
+for i in range(cfg.n_coda):
+    x, _ = model.block_forward(p, f"coda.{i}", x, rope, cfg)
+x, _ = rmsnorm.forward(x, p["final_norm"])
+logits_by_hand = x @ p["wte"].T                                          # (B, T_seq, V)
+
+logits, _, diag = model.forward(p, cfg, ids, n_loops=T, h0=h0)
+print(f"by hand vs model.forward at T = {T}: max |difference| "
+      f"{np.abs(logits_by_hand - logits).max():.1e}")
+assert np.abs(logits_by_hand - logits).max() < 1e-12
+assert diag["steps"] == T
+
+# The loop count is a run-time argument, not part of the weights: the same parameters give a
+# prediction at any T. (Lesson 10 asks how good it is.)
+for T_other in (1, 2, 8):
+    assert model.forward(p, cfg, ids, n_loops=T_other, h0=h0)[0].shape == logits.shape
+
+# ---------------------------------------------------------------------------------------------
+# 3. Parameters against FLOPs.
+#
+# Running R T times makes the model as deep as a transformer with n_p + T·n_r + n_c blocks, at the
+# compute of that transformer but with the parameters of one with n_p + n_r + n_c. Compare, at the
+# `tiny` preset's sizes, the looped model with the plain transformer unrolled to the same depth
+# (`injection="none"`, n_r·T core blocks). `model.count_params` counts parameters and
+# `model.flops_per_token(cfg, train=False, n_loops=T)` the matrix-multiply FLOPs of one forward.
+
+tiny = model.preset("tiny")
+n_core = sum(int(np.prod(s)) for k, s in model.param_shapes(tiny).items() if k.startswith("core."))
+looped_extra = model.count_params(tiny) - model.count_params(model.fixed_depth_baseline(tiny))
+print(f"\n`tiny`: {model.count_params(tiny):,} parameters, of which the recurrent block holds "
+      f"{n_core:,}; the injection, C and prelude norm add {looped_extra:,}")
+print("   T   looped params   unrolled params   looped MFLOP/token   unrolled MFLOP/token")
+for T in (1, 2, 4, 8, 16):
+    unrolled = replace(model.fixed_depth_baseline(tiny), n_recurrent=tiny.n_recurrent * T)
+    n_loop, n_unroll = model.count_params(tiny), model.count_params(unrolled)
+    f_loop = model.flops_per_token(tiny, train=False, n_loops=T)
+    f_unroll = model.flops_per_token(unrolled, train=False)
+    print(f"  {T:2d}   {n_loop:13,}   {n_unroll:15,}   {f_loop / 1e6:18.2f}   "
+          f"{f_unroll / 1e6:20.2f}")
+    # Same compute, up to B and C (one multiply-add each per entry, 2 FLOPs)...
+    assert f_loop - f_unroll == 2 * (2 * tiny.d_model * tiny.d_h)
+    # ...while the unrolled model pays for T − 1 more copies of the recurrent block.
+    assert n_unroll - n_loop == (T - 1) * n_core - looped_extra
+
+# Training costs more than a forward: 2 FLOPs per multiply-add forward, 4 backward. Outside the loop
+# every parameter pays 6; the recurrent block pays 2 on each of the μ_rec forward steps and 4 more
+# on each of the μ_bwd steps that are backpropagated (lesson 9):
+#     FLOPs/token ≈ 6·N_outside + 2·N_core·μ_rec + 4·N_core·μ_bwd   (+ attention, counted alike)
+# So one more backpropagated step costs twice what one more forward step costs:
+forward_step = (model.flops_per_token(tiny, train=False, n_loops=2)
+                - model.flops_per_token(tiny, train=False, n_loops=1))
+backward_step = (model.flops_per_token(replace(tiny, backprop_depth=3))
+                 - model.flops_per_token(replace(tiny, backprop_depth=2)))
+assert abs(backward_step - 2 * forward_step) < 1e-9 * forward_step
+full = replace(tiny, backprop_depth=tiny.mean_recurrence)
+saved = 1 - model.flops_per_token(tiny) / model.flops_per_token(full)
+print(f"one loop step: {forward_step / 1e6:.2f} MFLOP/token forward, {backward_step / 1e6:.2f} "
+      f"backward; training with μ_bwd = {tiny.backprop_depth} of μ_rec = {tiny.mean_recurrence} "
+      f"costs {saved:.0%} less than backpropagating every step")
+
+# ---------------------------------------------------------------------------------------------
+# 4. Activation memory.
+#
+# The backward needs the activations of every op it passes through. minparcae's loop keeps them
+# only for the last μ_bwd steps (truncated backprop through the loop, lesson 9); the steps before
+# run forward only and are forgotten. So the activation memory of a training step depends on μ_bwd
+# and not on T. `model.cache_nbytes` adds up the arrays a training forward kept (the parameters
+# are excluded: they are not activations).
+
+p32 = model.init_params(cfg, seed=0, dtype=np.float32, xp=np)
+targets = rng.integers(0, cfg.vocab_size, (B, T_seq))
+
+
+def activation_bytes(c, n_loops):
+    _, cache, _ = model.forward(p32, c, ids, targets, n_loops=n_loops, rng=rng, train=True)
+    return model.cache_nbytes(cache, exclude=p32.values())
+
+
+print(f"\nactivation memory of one training step, μ_bwd = {cfg.backprop_depth}:")
+by_T = {T: activation_bytes(cfg, T) for T in (2, 4, 8, 16, 32)}
+for T, nbytes in by_T.items():
+    print(f"  T = {T:2d}: {nbytes:,} bytes")
+assert len(set(by_T.values())) == 1
+
+print("and at T = 16 with growing μ_bwd:")
+by_k = {k: activation_bytes(replace(cfg, backprop_depth=k), 16) for k in (1, 2, 3, 4)}
+for k, nbytes in by_k.items():
+    print(f"  μ_bwd = {k}: {nbytes:,} bytes")
+per_step = by_k[2] - by_k[1]
+assert all(by_k[k + 1] - by_k[k] == per_step > 0 for k in (1, 2, 3))   # linear in μ_bwd
+print(f"each backpropagated loop step keeps {per_step:,} bytes, whatever T is")
+print("lesson 7 passed")
