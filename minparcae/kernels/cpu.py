@@ -10,12 +10,29 @@ differ from NumPy's only by summation order.
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 # "reassoc" lets reductions (sums of squares, dot products) use SIMD lanes, which only reorders
 # the additions; NaN and inf keep their meaning (no "nnan"/"ninf"), so the trainer's guard works.
 _jit = dict(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+
+# Below this many elements a kernel runs on one thread: waking the others costs more than they
+# save, and far more when another process holds a core (milliseconds instead of microseconds).
+PARALLEL_MIN = 1 << 18
+
+
+def _run(kernel, work, *args):
+    """kernel(*args), single-threaded when `work` (elements touched) is small."""
+    threads = numba.get_num_threads()
+    if work >= PARALLEL_MIN or threads == 1:
+        return kernel(*args)
+    numba.set_num_threads(1)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
 
 
 @njit(**_jit)
@@ -38,7 +55,7 @@ def rmsnorm_forward(x, weight, eps):
     y, xhat = np.empty_like(x2), np.empty_like(x2)
     r = np.empty(x2.shape[0], dtype=x.dtype)
     w = weight if weight is not None else np.empty(0, dtype=x.dtype)
-    _rmsnorm_forward(x2, w, weight is not None, eps, y, xhat, r)
+    _run(_rmsnorm_forward, x2.size, x2, w, weight is not None, eps, y, xhat, r)
     return y.reshape(x.shape), xhat.reshape(x.shape), r.reshape(x.shape[:-1] + (1,))
 
 
@@ -69,7 +86,7 @@ def rmsnorm_backward(dout, xhat, r, weight, dres=None):
     xh = xhat.reshape(g.shape)
     dx = np.empty_like(g)
     w = weight if weight is not None else np.empty(0, dtype=g.dtype)
-    _rmsnorm_backward(g, xh, r.reshape(-1), w, weight is not None, dx)
+    _run(_rmsnorm_backward, g.size, g, xh, r.reshape(-1), w, weight is not None, dx)
     dweight = None
     if weight is not None:
         dweight = np.zeros(g.shape[1])  # accumulated in float64
@@ -95,7 +112,8 @@ def _rotary(x, cos, sin, y):  # x, y: (M, T, hs); cos, sin: (T, hs/2)
 def rotary(x, cos, sin):
     x3 = np.ascontiguousarray(x).reshape(-1, x.shape[-2], x.shape[-1])
     y = np.empty_like(x3)
-    _rotary(x3, np.ascontiguousarray(cos, dtype=x.dtype), np.ascontiguousarray(sin, dtype=x.dtype), y)
+    _run(_rotary, x3.size, x3, np.ascontiguousarray(cos, dtype=x.dtype),
+         np.ascontiguousarray(sin, dtype=x.dtype), y)
     return y.reshape(x.shape)
 
 
@@ -110,7 +128,7 @@ def _relu2(u, a, g):  # flat arrays
 def relu2_forward(u):
     u = np.ascontiguousarray(u)
     a, g = np.empty_like(u), np.empty_like(u)
-    _relu2(u.reshape(-1), a.reshape(-1), g.reshape(-1))
+    _run(_relu2, u.size, u.reshape(-1), a.reshape(-1), g.reshape(-1))
     return a, g
 
 
@@ -153,9 +171,9 @@ def softmax_xent(z, targets, valid, n_valid):
     grad = np.empty_like(z)
     z_target = np.empty(z.shape[0], dtype=z.dtype)
     loss_rows = np.empty(z.shape[0], dtype=z.dtype)
-    _shift_rows(z, targets, grad, z_target)
+    _run(_shift_rows, z.size, z, targets, grad, z_target)
     np.exp(grad, out=grad)
-    _xent_normalise(grad, targets, valid, 1.0 / n_valid, z_target, loss_rows)
+    _run(_xent_normalise, z.size, grad, targets, valid, 1.0 / n_valid, z_target, loss_rows)
     return loss_rows, grad
 
 
@@ -172,7 +190,7 @@ def _scatter_add(table, rows, values):  # each thread owns a slice of columns: n
 
 
 def scatter_add(table, rows, values):
-    _scatter_add(table, rows, np.ascontiguousarray(values))
+    _run(_scatter_add, values.size, table, rows, np.ascontiguousarray(values))
 
 
 @njit(**_jit)
@@ -203,9 +221,9 @@ def _causal_normalise(e):  # e = exp(shifted scores) (0 above the diagonal); row
 
 
 def _causal_softmax(s, scale):
-    _causal_shift(s, scale)
+    _run(_causal_shift, s.size, s, scale)
     np.exp(s, out=s)
-    _causal_normalise(s)
+    _run(_causal_normalise, s.size, s)
 
 
 @njit(**_jit)
@@ -234,8 +252,8 @@ def attention_forward(q, k, v, scale):
 def attention_backward(dy, cache):
     q, k, v, p, scale = cache
     ds = dy @ v.transpose(0, 1, 3, 2)  # dP, then dS in place
-    _softmax_backward(p.reshape(-1, p.shape[-2], p.shape[-1]), ds.reshape(ds.shape[0] * ds.shape[1],
-                      ds.shape[2], ds.shape[3]), p.dtype.type(scale))
+    T = p.shape[-1]
+    _run(_softmax_backward, p.size, p.reshape(-1, T, T), ds.reshape(-1, T, T), p.dtype.type(scale))
     return ds @ k, ds.transpose(0, 1, 3, 2) @ q, p.transpose(0, 1, 3, 2) @ dy
 
 
