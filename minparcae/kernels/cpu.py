@@ -18,6 +18,12 @@ from numba import njit, prange
 # the additions; NaN and inf keep their meaning (no "nnan"/"ninf"), so the trainer's guard works.
 _jit = dict(parallel=True, cache=True, fastmath={"reassoc", "contract"})
 
+# Numba's OpenMP threads spin while they wait, and so do OpenBLAS's: on a 2-core machine the two
+# pools took turns stealing the cores and a tiny-preset step went from ~190 ms to ~820 ms. The
+# workqueue layer sleeps instead. An explicit NUMBA_THREADING_LAYER still wins.
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"
+
 # Below this many elements a kernel runs on one thread: waking the others costs more than they
 # save, and far more when another process holds a core (milliseconds instead of microseconds).
 PARALLEL_MIN = 1 << 18
