@@ -2,9 +2,15 @@
 
     python sample.py --ckpt runs/default --prompt "def " --loops 8 --tokens 200
     python sample.py --ckpt runs/default --loops 1,2,4,8,16      # a sample and val loss per loop count
+    python sample.py --ckpt runs/default --loops 16 --adaptive kl --epsilon 1e-3
+    python sample.py --ckpt runs/default --no-cache              # the plain generator, to compare speed
 
 A looped model can run its recurrent block more or fewer times than it was trained with; the
 validation loss per loop count shows what extra test-time compute buys (and where it saturates).
+Generation is KV-cached; with --adaptive each token stops looping once its state (`state`) or its
+next-token distribution (`kl`) changes by less than --epsilon, the loop count being the maximum,
+and the line shows the mean loop count per token and, when the run's validation data is here, the
+validation loss at adaptive and at fixed depth (both through the cached decoder).
 """
 
 import argparse
@@ -29,6 +35,10 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adaptive", default=None, choices=["state", "kl"],
+                    help="stop looping a token when its state or its prediction stops changing")
+    ap.add_argument("--epsilon", type=float, default=1e-3, help="threshold of --adaptive")
+    ap.add_argument("--no-cache", action="store_true", help="recompute the whole window per token")
     ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per loop count")
     ap.add_argument("--device", default=None, choices=["cpu", "gpu", "auto"])
     args = ap.parse_args(argv)
@@ -39,8 +49,10 @@ def parse_args(argv=None):
             ap.error(f"--loops takes a number or a comma-separated list of numbers, not {args.loops!r}")
         if min(args.loops) < 1:
             ap.error("every loop count must be at least 1")
-    if args.tokens < 0 or args.temperature < 0:
-        ap.error("--tokens and --temperature must not be negative")
+    if args.tokens < 0 or args.temperature < 0 or args.epsilon < 0:
+        ap.error("--tokens, --temperature and --epsilon must not be negative")
+    if args.adaptive and args.no_cache:
+        ap.error("--adaptive needs the cached generator: drop --no-cache")
     return args
 
 
@@ -56,16 +68,28 @@ def main(argv=None):
     prompt = tok.encode(args.prompt) or [tok.eot_id]
 
     val = _validation_tokens(meta)
+    if val is not None:
+        val = list(data.iter_eval_batches(val, 8, cfg.context, args.eval_batches))
     for n in loops:
         t0 = time.perf_counter()
-        out = generate.generate(params, cfg, [prompt], args.tokens, n_loops=n,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                rng=np.random.default_rng(args.seed), stop_id=tok.eot_id)[0]
-        dt = time.perf_counter() - t0
-        line = f"--- loops {n}: {len(out)} tokens at {len(out) / max(dt, 1e-9):.1f} tokens/s"
+        out, used = generate.generate(params, cfg, [prompt], args.tokens, n_loops=n,
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      rng=np.random.default_rng(args.seed), stop_id=tok.eot_id,
+                                      cache=not args.no_cache, adaptive=args.adaptive,
+                                      epsilon=args.epsilon, return_loops=True)
+        backend.synchronize()
+        out, dt = out[0], time.perf_counter() - t0
+        line = (f"--- loops {n}: {len(out)} tokens at {len(out) / max(dt, 1e-9):.1f} tokens/s "
+                f"({'uncached' if args.no_cache else 'cached'})")
+        if args.adaptive:
+            line += f", mean loops {np.mean(used[0]) if out else 0:.2f}"
         if val is not None:
-            batches = data.iter_eval_batches(val, 8, cfg.context, args.eval_batches)
-            line += f", val_loss {model.evaluate(params, cfg, batches, n_loops=n):.4f}"
+            if args.adaptive:
+                fixed, _ = generate.evaluate(params, cfg, val, n)
+                loss, mean = generate.evaluate(params, cfg, val, n, args.adaptive, args.epsilon)
+                line += f", val_loss {loss:.4f} at {mean:.2f} loops per token ({fixed:.4f} at {n})"
+            else:
+                line += f", val_loss {model.evaluate(params, cfg, val, n_loops=n):.4f}"
         print(line)
         print(tok.decode(prompt + out))
 

@@ -20,7 +20,7 @@ Every choice, in one place:
     MLP output projections zero, norms one; A_log = 0, dt_bias = softplus⁻¹(−ln √(1/5)) so
     Ā starts at √(1/5) ≈ 0.447; B identity (orthogonal when not square); C scaled-orthogonal
   * initial state: truncated normal (±3σ) with the embedding's std in training ("like-init");
-    evaluation uses `eval_state`: "seeded" (the same random draw every time) or "zero"
+    evaluation uses `eval_state`: "seeded" (a fixed draw per position) or "zero"
   * training depth ("poisson-truncated-full", per sequence): total = max(1, Poisson(μ_rec)),
     k = min(total, μ_bwd) steps with gradient (the last ones), total − k steps without.
 
@@ -270,20 +270,32 @@ def init_params(cfg, seed=0, dtype=None, xp=None):
 
 
 def initial_state(cfg, shape, mode, rng=None, dtype=np.float32, xp=np):
-    """h_0 of the loop: 'like-init' (truncated normal, ±3σ, σ = the embedding's init std, drawn from
-    `rng`), 'seeded' (the same draw, from a fixed seed, every call) or 'zero'."""
+    """h_0 of the loop, of `shape` (..., T, d_h):
+    'like-init'  truncated normal (±3σ, σ = the embedding's init std), drawn from `rng`;
+    'seeded'     the same distribution, but position t's vector comes from a generator seeded with
+                 (EVAL_STATE_SEED, t) and is shared by every row, so a position's state does not
+                 depend on the batch or the sequence length (a KV-cached decoder reproduces it);
+    'zero'       zeros."""
     if mode == "zero":
         return xp.zeros(shape, dtype=dtype)
     if mode == "seeded":
-        rng = np.random.default_rng(EVAL_STATE_SEED)
+        T, d_h = shape[-2], shape[-1]
+        rows = [_truncated_normal(np.random.default_rng((EVAL_STATE_SEED, t)), (d_h,)) for t in range(T)]
+        z = np.broadcast_to(np.stack(rows), shape)
     elif rng is None:
         raise ValueError("a random initial state needs an rng")
+    else:
+        z = _truncated_normal(rng, shape)
+    return xp.asarray(z * init_std(cfg.d_model), dtype=dtype)
+
+
+def _truncated_normal(rng, shape):
     z = rng.standard_normal(shape)
     bad = np.abs(z) > 3
     while bad.any():  # redraw the tails: a truncated normal, not a clipped one
         z[bad] = rng.standard_normal(int(bad.sum()))
         bad = np.abs(z) > 3
-    return xp.asarray(z * init_std(cfg.d_model), dtype=dtype)
+    return z
 
 
 def sample_depths(rng, batch, cfg):
