@@ -26,13 +26,7 @@ pytestmark = pytest.mark.gpu
 TOL = 1e-4
 
 
-def reference(fn, *args, **kw):
-    """fn with every fast path off: the ops' own CuPy code."""
-    kernels.use_kernels(False)
-    try:
-        return fn(*args, **kw)
-    finally:
-        kernels.use_kernels(True)
+reference = kernels.reference
 
 
 def both(fn, *args, **kw):

@@ -45,6 +45,16 @@ def kernels_enabled():
     return _state["enabled"]
 
 
+def reference(fn, *args, **kw):
+    """fn(*args, **kw) with every fast path off: the ops' own `xp` code, to compare kernels with."""
+    saved = _state["enabled"]
+    _state["enabled"] = False
+    try:
+        return fn(*args, **kw)
+    finally:
+        _state["enabled"] = saved
+
+
 def _load(device):
     if _registry[device] is None:
         if device == "cpu":
