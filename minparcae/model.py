@@ -464,9 +464,12 @@ def loop_forward(p, cfg, kind, e, h, depths, n_grad, rope, ve):
             h[rows] = x  # sequences that have not started keep their state
         if t >= first_cached:
             steps.append((None if full else rows, c_state, c_blocks))
-    norm_T = xp.sqrt((h * h).sum(axis=-1))  # (B, T)
+    # in float64: an exploding state (an unstable injection) can pass float32's range in its
+    # squares long before its entries overflow, and the diagnostics should still measure it
+    h64, prev64 = h.astype(xp.float64), h_prev.astype(xp.float64)
+    norm_T = xp.sqrt((h64 * h64).sum(axis=-1))  # (B, T)
     diag = {"steps": S, "state_norm": float(norm_T.mean()),
-            "residual": float(xp.linalg.norm(h - h_prev) / max(float(xp.linalg.norm(h)), 1e-30))}
+            "residual": float(xp.linalg.norm(h64 - prev64) / max(float(xp.linalg.norm(h64)), 1e-30))}
     return h, steps, u_cache, diag
 
 
