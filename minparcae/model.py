@@ -41,6 +41,7 @@ import numpy as np
 from . import backend
 from .backend import array_module, to_host
 from .ops import attention, cross_entropy, embedding, injection, mlp, rmsnorm, rotary
+from .ops.attention import rows_matmul  # x @ W as one BLAS call for x of shape (B, T, n)
 
 INJECTIONS = injection.KINDS + ("none",)
 STATE_INITS = ("like-init", "seeded", "zero")
@@ -316,18 +317,21 @@ def block_forward(p, name, x, rope, cfg, ve=None):
                                  p[f"{name}.attn.wo"], *rope, cfg.n_head, cfg.kv_heads, ve=ve,
                                  w_gate=p.get(f"{name}.attn.ve_gate"))
     x, a, c_n2 = rmsnorm.add_forward(x, y, p[f"{name}.norm2"])  # x += attn(...); a = norm2(x)
-    y, c_mlp = mlp.forward(a, p[f"{name}.mlp.fc"], p[f"{name}.mlp.proj"])
-    return x + y, (c_n1, c_att, c_n2, c_mlp)
+    # the MLP acts on each position alone: give it the B·T positions as rows, one BLAS call each
+    y, c_mlp = mlp.forward(a.reshape(-1, a.shape[-1]), p[f"{name}.mlp.fc"], p[f"{name}.mlp.proj"])
+    x += y.reshape(x.shape)  # in place: x is the sum made just above, which no cache holds
+    return x, (c_n1, c_att, c_n2, c_mlp)
 
 
 def block_backward(dx, cache, name, grads):
     """Backward of block_forward: accumulates the block's parameter gradients into `grads`,
     returns (dL/dx, dL/dve or None)."""
     c_n1, c_att, c_n2, c_mlp = cache
-    g = mlp.backward(dx, c_mlp)
+    g = mlp.backward(dx.reshape(-1, dx.shape[-1]), c_mlp)
     _acc(grads, f"{name}.mlp.fc", g["w_fc"])
     _acc(grads, f"{name}.mlp.proj", g["w_proj"])
-    g = rmsnorm.backward(g["x"], c_n2, dres=dx)  # the residual path's gradient joins the norm's
+    # the residual path's gradient joins the norm's
+    g = rmsnorm.backward(g["x"].reshape(dx.shape), c_n2, dres=dx)
     _acc(grads, f"{name}.norm2", g["weight"])
     dx = g["x"]
     g = attention.backward(dx, c_att)
@@ -378,7 +382,7 @@ def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=N
         e, h0, kind = x, xp.zeros_like(x), "add"
     h, steps, u_cache, diag = loop_forward(p, cfg, kind, e, h0, depths, n_grad, rope[cfg.d_h], ve)
     if cfg.looped:
-        x, caches["C"] = h @ p["C"], (h,)  # (B, T, d)
+        x, caches["C"] = rows_matmul(h, p["C"]), (h,)  # (B, T, d)
     else:
         x = h
     for i in range(cfg.n_coda):
@@ -386,7 +390,7 @@ def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=N
         x, caches[name] = block_forward(p, name, x, rope[cfg.d_model], cfg, ve.get(name))
     x, caches["final_norm"] = rmsnorm.forward(x, p["final_norm"])
     head = p["wte"].T if cfg.tie_embeddings else p["lm_head"]  # (d, V)
-    logits = x @ head  # (B, T, V)
+    logits = rows_matmul(x, head)  # (B, T, V)
     diag["rho"] = injection.spectral_radius(kind, p) if cfg.looped else 0.0
 
     if targets is None:
@@ -482,10 +486,10 @@ def backward(p, cfg, cache):
     x = cache["x_final"]
     if cfg.tie_embeddings:
         _acc(grads, "wte", dlogits.reshape(-1, dlogits.shape[-1]).T @ x.reshape(-1, x.shape[-1]))
-        dx = dlogits @ p["wte"]
+        dx = rows_matmul(dlogits, p["wte"])
     else:
         _acc(grads, "lm_head", x.reshape(-1, x.shape[-1]).T @ dlogits.reshape(-1, dlogits.shape[-1]))
-        dx = dlogits @ p["lm_head"].T
+        dx = rows_matmul(dlogits, p["lm_head"].T)
     g = rmsnorm.backward(dx, caches["final_norm"])
     _acc(grads, "final_norm", g["weight"])
     dx = g["x"]
@@ -497,7 +501,7 @@ def backward(p, cfg, cache):
     if cfg.looped:
         (h,) = caches["C"]
         _acc(grads, "C", h.reshape(-1, h.shape[-1]).T @ dx.reshape(-1, dx.shape[-1]))
-        dh = dx @ p["C"].T  # (B, T, d_h)
+        dh = rows_matmul(dx, p["C"].T)  # (B, T, d_h)
     else:
         dh = dx
 

@@ -112,3 +112,25 @@ def test_attention(dtype, B, T, d, n_head, n_kv_head, hs):
     gr, gr_ref = attention.backward(g, c), reference(attention.backward, g, c_ref)
     for k in gr_ref:
         close(gr[k], gr_ref[k], dtype)
+
+
+@pytest.mark.parametrize("block", [cpu.ATTN_BLOCK, 4, 1])
+@pytest.mark.parametrize("T", [1, 9, 16, 70])
+@pytest.mark.parametrize("heads", [(2, 3), (1, 1)])
+def test_causal_attention_core_in_row_blocks(dtype, block, T, heads, monkeypatch):
+    """The blocked core against the reference's full (T, T) scores, with T a multiple of the block
+    size, not a multiple (a short last block), smaller than one block, and T = 1; with the heads
+    split over the BLAS threads, and a single head (one job). BLAS's thread count comes back."""
+    monkeypatch.setattr(cpu, "ATTN_BLOCK", block)
+    control = cpu._blas_thread_control()
+    threads = control[0]() if control else None
+    rng = np.random.default_rng(6)
+    q, k, v, dy = (rng.standard_normal(heads + (T, 8)).astype(dtype) for _ in range(4))
+    y, c = cpu.attention_forward(q, k, v, 0.35)
+    y_ref, c_ref = attention.causal_attention_forward(q, k, v, 0.35)
+    assert y.dtype == dtype
+    close(y, y_ref, dtype)
+    for g, g_ref in zip(cpu.attention_backward(dy, c), attention.causal_attention_backward(dy, c_ref)):
+        assert g.dtype == dtype
+        close(g, g_ref, dtype)
+    assert (control[0]() if control else None) == threads

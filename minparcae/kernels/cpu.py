@@ -8,7 +8,10 @@ rows are independent, so `prange` spreads them over the cores. fastmath stays of
 differ from NumPy's only by summation order.
 """
 
+import ctypes
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -53,12 +56,14 @@ def _rmsnorm_forward(x, w, has_w, eps, y, xhat, r):  # x: (N, n)
         for j in range(n):
             xh = x[i, j] * ri
             xhat[i, j] = xh
-            y[i, j] = xh * w[j] if has_w else xh
+            if has_w:
+                y[i, j] = xh * w[j]
 
 
 def rmsnorm_forward(x, weight, eps):
     x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
-    y, xhat = np.empty_like(x2), np.empty_like(x2)
+    xhat = np.empty_like(x2)
+    y = np.empty_like(x2) if weight is not None else xhat  # without a weight y is x̂: one array
     r = np.empty(x2.shape[0], dtype=x.dtype)
     w = weight if weight is not None else np.empty(0, dtype=x.dtype)
     _run(_rmsnorm_forward, x2.size, x2, w, weight is not None, eps, y, xhat, r)
@@ -199,68 +204,169 @@ def scatter_add(table, rows, values):
     _run(_scatter_add, values.size, table, rows, np.ascontiguousarray(values))
 
 
-@njit(**_jit)
-def _causal_shift(s, scale):  # in place on (M, T, T): scale·(S − rowmax) on and below the diagonal, −inf above
-    M, T, _ = s.shape
-    for m in prange(M):
-        for i in range(T):
+# Causal attention in row blocks. Query rows r0..r1−1 attend to keys 0..r1−1 only, so the
+# scores of a row block are the (r1−r0) × r1 product q[r0:r1] k[:r1]ᵀ, and the blocks above the
+# diagonal, which the mask would zero, are never computed: with T/ATTN_BLOCK blocks the matrix
+# products do (1 + 1/n_blocks)/2 of the full T × T work (5/8 at T = 256), and so do the softmax
+# passes and the exponentials.
+ATTN_BLOCK = 64
+
+# The heads are independent, and each head's products are small (64 × 256 × 64 at T = 256):
+# too small for BLAS to split well over threads, so it spends its time waking and waiting for
+# them, once per head and per product. Far worse on a shared machine: when another process holds
+# a core, each of those waits can last a scheduler time slice (a batch of 24 such products went
+# from 2 ms to 400 ms). So the attention core splits the heads instead: one job per thread, each
+# job running its heads' products on one BLAS thread and its softmax passes in single-threaded
+# kernels (nogil, so the jobs run at once), with no synchronisation until the jobs are done.
+_serial = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+
+
+@functools.cache
+def _blas_thread_control():
+    """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None (another BLAS,
+    or no /proc): then one job takes all the heads, and BLAS threads its products as it likes."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+            get, put = f"{prefix}_get_num_threads{suffix}", f"{prefix}_set_num_threads{suffix}"
+            if hasattr(lib, get) and hasattr(lib, put):
+                return getattr(lib, get), getattr(lib, put)
+    return None
+
+
+@functools.cache
+def _pool(n):
+    return ThreadPoolExecutor(n, thread_name_prefix="minparcae-heads")
+
+
+def _split_heads(M):
+    """Slices [lo, hi) of the M heads, one per BLAS thread."""
+    control = _blas_thread_control()
+    n = max(1, min(M, control[0]() if control else 1))
+    cuts = [M * i // n for i in range(n + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _over_heads(job, slices):
+    """job(lo, hi) for each slice of heads, run at once with BLAS single-threaded meanwhile.
+    Returns the jobs' results in order. (BLAS's thread count is process-wide: BLAS called from
+    another thread meanwhile runs single-threaded too.)"""
+    if len(slices) == 1:
+        return [job(*slices[0])]
+    get, put = _blas_thread_control()
+    threads = get()
+    put(1)
+    try:
+        return list(_pool(len(slices)).map(job, *zip(*slices)))
+    finally:
+        put(threads)
+
+
+def _row_blocks(T):
+    return [(r0, min(T, r0 + ATTN_BLOCK)) for r0 in range(0, T, ATTN_BLOCK)]
+
+
+@njit(**_serial)
+def _causal_softmax_pass1(s, r0, scale):  # in place on a row block (M, rows, L): row i is query
+    M, rows, L = s.shape  # r0 + i; scale·(S − rowmax) over keys j ≤ r0 + i, −inf after them
+    for m in range(M):
+        for i in range(rows):
+            n = r0 + i + 1
             top = -np.inf
-            for j in range(i + 1):
+            for j in range(n):
                 top = max(top, s[m, i, j])
-            for j in range(i + 1):
+            for j in range(n):
                 s[m, i, j] = (s[m, i, j] - top) * scale
-            for j in range(i + 1, T):
+            for j in range(n, L):
                 s[m, i, j] = -np.inf
 
 
-@njit(**_jit)
-def _causal_normalise(e):  # e = exp(shifted scores) (0 above the diagonal); rows sum to 1
-    M, T, _ = e.shape
-    for m in prange(M):
-        for i in range(T):
+@njit(**_serial)
+def _causal_softmax_pass2(e, r0):  # e = exp(shifted scores) (0 after the last key); rows sum to 1
+    M, rows, _ = e.shape
+    for m in range(M):
+        for i in range(rows):
+            n = r0 + i + 1
             total = 0.0
-            for j in range(i + 1):
+            for j in range(n):
                 total += e[m, i, j]
             inv = 1.0 / total
-            for j in range(i + 1):
+            for j in range(n):
                 e[m, i, j] *= inv
 
 
-def _causal_softmax(s, scale):
-    _run(_causal_shift, s.size, s, scale)
-    np.exp(s, out=s)
-    _run(_causal_normalise, s.size, s)
-
-
-@njit(**_jit)
-def _softmax_backward(p, dp, scale):  # in place on dp: dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-    M, T, _ = p.shape
-    for m in prange(M):
-        for i in range(T):
+@njit(**_serial)
+def _softmax_backward(p, dp, r0, scale):  # in place on dp: dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
+    M, rows, L = p.shape
+    for m in range(M):
+        for i in range(rows):
+            n = r0 + i + 1
             dot = 0.0
-            for j in range(i + 1):
+            for j in range(n):
                 dot += dp[m, i, j] * p[m, i, j]
-            for j in range(i + 1):
+            for j in range(n):
                 dp[m, i, j] = p[m, i, j] * (dp[m, i, j] - dot) * scale
-            for j in range(i + 1, T):
+            for j in range(n, L):
                 dp[m, i, j] = 0.0
 
 
+def _heads3(a):  # (B, H, T, hs) -> (B·H, T, hs), a view when it can be
+    return a.reshape(-1, a.shape[-2], a.shape[-1])
+
+
 def attention_forward(q, k, v, scale):
-    """The reference's matrix products (BLAS), with mask, scale and softmax fused into one pass
-    over the scores. Since softmax(scale·S) = softmax of the scaled scores, scaling inside the
-    exponential is the same function; the cache is the reference's (q, k, v, P, scale)."""
-    s = q @ k.transpose(0, 1, 3, 2)  # (B, H, T, T)
-    _causal_softmax(s.reshape(-1, s.shape[-2], s.shape[-1]), s.dtype.type(scale))
-    return s @ v, (q, k, v, s, scale)
+    """The reference's products (BLAS) by causal row blocks, with mask, scale and softmax fused
+    into two passes over each block's scores around NumPy's exp. Since softmax(scale·S) = softmax
+    of the scaled scores, scaling inside the exponential is the same function. The cache keeps P
+    as the blocks of each job's heads."""
+    q3, k3, v3 = _heads3(q), _heads3(k), _heads3(v)
+    y = np.empty(q3.shape, dtype=q.dtype)
+    scale = q.dtype.type(scale)
+
+    def job(lo, hi):  # heads lo..hi−1
+        p_blocks = []
+        for r0, r1 in _row_blocks(q3.shape[1]):
+            p = q3[lo:hi, r0:r1] @ k3[lo:hi, :r1].transpose(0, 2, 1)  # (heads, r1 − r0, r1)
+            _causal_softmax_pass1(p, r0, scale)
+            np.exp(p, out=p)
+            _causal_softmax_pass2(p, r0)
+            np.matmul(p, v3[lo:hi, :r1], out=y[lo:hi, r0:r1])
+            p_blocks.append(p)
+        return p_blocks
+
+    slices = _split_heads(q3.shape[0])
+    p_blocks = _over_heads(job, slices)
+    return y.reshape(q.shape), (q3, k3, v3, slices, p_blocks, scale)
 
 
 def attention_backward(dy, cache):
-    q, k, v, p, scale = cache
-    ds = dy @ v.transpose(0, 1, 3, 2)  # dP, then dS in place
-    T = p.shape[-1]
-    _run(_softmax_backward, p.size, p.reshape(-1, T, T), ds.reshape(-1, T, T), p.dtype.type(scale))
-    return ds @ k, ds.transpose(0, 1, 3, 2) @ q, p.transpose(0, 1, 3, 2) @ dy
+    """The reference's backward, block by block: a row block's dS reaches dq of its own rows and
+    dk, dv of the keys it attended to (0..r1−1); the same split of heads as the forward."""
+    q3, k3, v3, slices, p_blocks, scale = cache
+    shape = dy.shape
+    dy3 = _heads3(dy)
+    dq, dk, dv = np.empty_like(q3), np.zeros_like(k3), np.zeros_like(v3)
+    blocks_of = {lo: blocks for (lo, _), blocks in zip(slices, p_blocks)}
+
+    def job(lo, hi):  # the forward's slices: each job finds the P blocks its forward kept
+        for (r0, r1), p in zip(_row_blocks(q3.shape[1]), blocks_of[lo]):
+            dy_b = dy3[lo:hi, r0:r1]
+            dv[lo:hi, :r1] += p.transpose(0, 2, 1) @ dy_b
+            ds = dy_b @ v3[lo:hi, :r1].transpose(0, 2, 1)  # dP, then dS in place
+            _softmax_backward(p, ds, r0, scale)
+            np.matmul(ds, k3[lo:hi, :r1], out=dq[lo:hi, r0:r1])
+            dk[lo:hi, :r1] += ds.transpose(0, 2, 1) @ q3[lo:hi, r0:r1]
+
+    _over_heads(job, slices)
+    return dq.reshape(shape), dk.reshape(shape), dv.reshape(shape)
 
 
 _FLOATS = {np.dtype(np.float32), np.dtype(np.float64)}

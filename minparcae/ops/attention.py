@@ -28,6 +28,13 @@ from ..backend import array_module
 from . import rmsnorm, rotary
 
 
+def rows_matmul(t, w):
+    """t @ w for t of shape (..., n), as one (rows, n) × (n, m) product. NumPy's matmul makes one
+    BLAS call per matrix of a stack, so (B, T, n) @ W would be B calls of T rows each: slower on
+    one thread, and much slower on several, which BLAS wakes and waits for once per call."""
+    return (t.reshape(-1, t.shape[-1]) @ w).reshape(t.shape[:-1] + (w.shape[-1],))
+
+
 def _heads(t, n, hs):
     """(B, T, n·hs) -> (B, n, T, hs)"""
     B, T, _ = t.shape
@@ -68,9 +75,9 @@ def forward(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gate=None
     B, T, d = x.shape
     hs = wq.shape[1] // n_head
     group = n_head // n_kv_head
-    q = _heads(x @ wq, n_head, hs)  # (B, H, T, hs)
-    k = _heads(x @ wk, n_kv_head, hs)  # (B, H_kv, T, hs)
-    v = _heads(x @ wv, n_kv_head, hs)  # (B, H_kv, T, hs)
+    q = _heads(rows_matmul(x, wq), n_head, hs)  # (B, H, T, hs)
+    k = _heads(rows_matmul(x, wk), n_kv_head, hs)  # (B, H_kv, T, hs)
+    v = _heads(rows_matmul(x, wv), n_kv_head, hs)  # (B, H_kv, T, hs)
     gate = None
     if ve is not None:
         sig = 1.0 / (1.0 + xp.exp(-(x[..., : w_gate.shape[0]] @ w_gate)))  # (B, T, H_kv)
@@ -90,7 +97,7 @@ def forward(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gate=None
         core_backward = kernels.fast("attention_backward", q)
     yh, core_cache = core_forward(q, kr, vr, scale)  # (B, H, T, hs)
     y = _merge(yh)  # (B, T, H·hs)
-    out = y @ wo
+    out = rows_matmul(y, wo)
     cache = (x, wq, wk, wv, wo, core_backward, core_cache, y, q_rot, k_rot, q_norm, k_norm, ve,
              w_gate, gate, n_head, n_kv_head)
     return out, cache
@@ -103,7 +110,7 @@ def backward(dout, cache):
     hs = wq.shape[1] // n_head
     group = n_head // n_kv_head
     dwo = y.reshape(-1, y.shape[-1]).T @ dout.reshape(-1, d)
-    dy = _heads(dout @ wo.T, n_head, hs)  # (B, H, T, hs)
+    dy = _heads(rows_matmul(dout, wo.T), n_head, hs)  # (B, H, T, hs)
     dq, dk, dv = core_backward(dy, core_cache)
     if group > 1:  # the query heads of one group all read the same key/value head
         dk = dk.reshape(B, n_kv_head, group, T, hs).sum(axis=2)
@@ -111,7 +118,7 @@ def backward(dout, cache):
     dq = rotary.backward(rmsnorm.backward(dq, q_norm)["x"], q_rot)["x"]
     dk = rotary.backward(rmsnorm.backward(dk, k_norm)["x"], k_rot)["x"]
     dq, dk, dv_flat = _merge(dq), _merge(dk), _merge(dv)
-    dx = dq @ wq.T + dk @ wk.T + dv_flat @ wv.T
+    dx = rows_matmul(dq, wq.T) + rows_matmul(dk, wk.T) + rows_matmul(dv_flat, wv.T)
     x2 = x.reshape(-1, d)
     grads = {"wq": x2.T @ dq.reshape(-1, dq.shape[-1]), "wk": x2.T @ dk.reshape(-1, dk.shape[-1]),
              "wv": x2.T @ dv_flat.reshape(-1, dv_flat.shape[-1]), "wo": dwo}
