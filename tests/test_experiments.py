@@ -42,10 +42,12 @@ def test_law_fit_flags_a_straight_line_and_rejects_bad_input():
         law.fit_law([1, 2, 3], [3.0, np.nan, 2.0])
 
 
-def test_loops_to_fraction():
-    z = 0.4
-    T = law.loops_to_fraction(z, 0.95)
-    assert abs((1 - np.exp(-z * T)) - 0.95) < 1e-12
+def test_loops_to_plateau():
+    Z, z = 0.8, 0.4
+    T = law.loops_to_plateau(Z, z, tol=1e-3)
+    assert abs(Z * np.exp(-z * T) - 1e-3) < 1e-15
+    assert law.loops_to_plateau(-Z, z) == T  # a rising curve plateaus the same way
+    assert law.loops_to_plateau(1e-4, z) == 0.0 and law.loops_to_plateau(0.0, z) == 0.0
 
 
 # ----------------------------------------------------------------------------- divergence rule

@@ -115,6 +115,7 @@ def plot(rows, out):
            title="isoFLOP: validation loss against μ_rec (★: best per budget)")
     ax.set_xticks(sorted({r["mu"] for r in rows}))
     ax.set_xticklabels([str(m) for m in sorted({r["mu"] for r in rows})])
+    ax.minorticks_off()
     ax.legend()
     common.save_figure(plt, fig, f"{out}/isoflop.png")
 

@@ -61,7 +61,7 @@ def fit_law(T, L, z_min=Z_MIN, z_max=Z_MAX, grid=400, tol=1e-12):
             "at_bound": i in (0, grid - 1)}
 
 
-def loops_to_fraction(z, fraction=0.95):
-    """The loop count by which the fitted law has made `fraction` of its whole gain Z (counted from
-    T = 0): 1 − e^(−zT) = fraction, so T = −ln(1 − fraction)/z. A measure of where it plateaus."""
-    return -math.log(1.0 - fraction) / z
+def loops_to_plateau(Z, z, tol=1e-3):
+    """The loop count after which the fitted law stays within `tol` nats of its limit L∞:
+    |Z|·e^(−zT) ≤ tol, so T = ln(|Z|/tol)/z (0 when the whole gain is below tol)."""
+    return max(0.0, math.log(abs(Z) / tol) / z) if Z else 0.0

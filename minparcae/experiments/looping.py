@@ -11,8 +11,8 @@ time along a saturating exponential, and the curve flattens near the depth it wa
 Each model here trains with the same recipe (train.py's AdamW and trapezoid schedule) at its own
 μ_rec, with μ_bwd = ⌈μ_rec / 2⌉; then every model is evaluated at T = 1 .. 4·max(μ_rec) on the same
 validation batches (from the fixed evaluation state), and the law is fitted by least squares
-(law.py) to each model's points T = 1 .. 4·μ_rec. T95 is the loop count by which the fitted law
-has made 95% of its gain: −ln(0.05)/z.
+(law.py) to each model's points T = 1 .. 4·μ_rec. "T to plateau" is the loop count after which the
+fitted law stays within 0.001 nats of L∞: ln(|Z|/0.001)/z; "best T" is the measured minimum.
 
 Writes fits.md/.csv (one row per model), curve.md/.csv (loss at every T), runs.json, README.md and
 looping.png.
@@ -58,7 +58,7 @@ def fit_record(r):
     f = law.fit_law(T, L)
     best = int(T[np.argmin(L)])
     return {"model": r["name"], "mu": mu, "seed": r["seed"], **f,
-            "T95": law.loops_to_fraction(f["z"], 0.95),
+            "T_plateau": law.loops_to_plateau(f["Z"], f["z"]),
             "L_1": curve[1], "L_mu": curve[mu], "L_4mu": curve[4 * mu], "best_T": best,
             "L_best": float(L.min()), "gain_to_mu": curve[1] - curve[mu],
             "gain_after_mu": curve[mu] - curve[4 * mu]}
@@ -66,7 +66,7 @@ def fit_record(r):
 
 FIT_COLUMNS = [("model", "model", ""), ("μ_rec", "mu", "d"), ("L(1)", "L_1", ".4f"),
                ("L(μ_rec)", "L_mu", ".4f"), ("L(4μ_rec)", "L_4mu", ".4f"), ("best T", "best_T", "d"), ("L∞", "L_inf", ".4f"),
-               ("Z", "Z", ".4f"), ("z", "z", ".4f"), ("T95", "T95", ".1f"),
+               ("Z", "Z", ".4f"), ("z", "z", ".4f"), ("T to plateau", "T_plateau", ".1f"),
                ("fit mean rel. error", "mean_rel_error", ".1e"),
                ("gain 1 → μ_rec", "gain_to_mu", ".4f"), ("gain μ_rec → 4μ_rec", "gain_after_mu", ".4f")]
 
