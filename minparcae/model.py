@@ -319,8 +319,7 @@ def block_forward(p, name, x, rope, cfg, ve=None):
     x, a, c_n2 = rmsnorm.add_forward(x, y, p[f"{name}.norm2"])  # x += attn(...); a = norm2(x)
     # the MLP acts on each position alone: give it the B·T positions as rows, one BLAS call each
     y, c_mlp = mlp.forward(a.reshape(-1, a.shape[-1]), p[f"{name}.mlp.fc"], p[f"{name}.mlp.proj"])
-    x += y.reshape(x.shape)  # in place: x is the sum made just above, which no cache holds
-    return x, (c_n1, c_att, c_n2, c_mlp)
+    return x + y.reshape(x.shape), (c_n1, c_att, c_n2, c_mlp)
 
 
 def block_backward(dx, cache, name, grads):
