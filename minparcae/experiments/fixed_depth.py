@@ -107,8 +107,8 @@ def report(records, args, seconds, baseline=None):
     summary = common.write_table(args.out, "summary", COLUMNS, summarise(records))
     runs = common.write_table(args.out, "runs", RUN_COLUMNS, records)
     common.write_report(args.out, "Parcae against fixed-depth transformers", args,
-                               [("Validation loss at equal tokens", summary), ("Every run", runs)],
-                               seconds, baseline)
+                        [("Validation loss at equal tokens", summary), ("Every run", runs)],
+                        seconds, baseline)
     plot(records, args.out)
 
 

@@ -91,11 +91,11 @@ def report(records, args, unit, seconds, baseline=None):
     rows = rows_of(records)
     table = common.write_table(args.out, "isoflop", COLUMNS, rows)
     best = {r["budget"]: r["mu"] for r in rows if r["best"]}
-    lines = [f"Unit budget: {unit / 1e12:.3g} TFLOP. Loss-minimising μ_rec per budget: "
-             + ", ".join(f"{b:g}× → {mu}" for b, mu in sorted(best.items())) + "."]
+    verdict = (f"Unit budget: {unit / 1e12:.3g} TFLOP. Loss-minimising μ_rec per budget: "
+               + ", ".join(f"{b:g}× → {mu}" for b, mu in sorted(best.items())) + ".")
     common.write_report(args.out, "IsoFLOP sweep over μ_rec", args,
-                               [("Validation loss at fixed training FLOPs", table + "\n" + lines[0])],
-                               seconds, baseline)
+                        [("Validation loss at fixed training FLOPs", table + "\n" + verdict)],
+                        seconds, baseline)
     plot(rows, args.out)
 
 
