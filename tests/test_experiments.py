@@ -156,3 +156,11 @@ def test_bad_flags_are_rejected(corpus, tmp_path):
         looping.main(toy_args(corpus, tmp_path, "--loops", "0,4"))
     with pytest.raises(SystemExit):
         fixed_depth.main(toy_args(corpus, tmp_path, "--d-model", "15"))
+
+
+def test_a_missing_corpus_is_one_sentence(tmp_path):
+    def main():
+        looping.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exc:
+        common.run(main)
+    assert str(exc.value).startswith("error: data path") and "does not exist" in str(exc.value)

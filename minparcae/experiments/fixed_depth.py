@@ -131,4 +131,4 @@ def plot(records, out):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

@@ -121,4 +121,4 @@ def plot(rows, out):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

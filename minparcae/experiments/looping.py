@@ -110,4 +110,4 @@ def plot(records, fits, out):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

@@ -190,4 +190,4 @@ def plot(records, out, baseline=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)
