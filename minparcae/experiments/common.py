@@ -119,14 +119,10 @@ def data_spec(args):
 
 
 def base_config(args, vocab_size, **overrides):
-    """The experiments' small model: d_model × n_head from the flags, context from the flags."""
-    fields = dict(vocab_size=vocab_size, context=args.context, d_model=args.d_model,
-                  n_head=args.n_head)
-    fields.update(overrides)
-    cfg = model.Config(**fields)
-    if cfg.injection == "none":
-        cfg = model.fixed_depth_baseline(cfg)
-    return cfg
+    """The experiments' small model: width, heads and context from the flags, the rest from
+    `overrides` (layout, μ_rec, injection) or model.Config's defaults."""
+    return model.Config(**{"vocab_size": vocab_size, "context": args.context,
+                           "d_model": args.d_model, "n_head": args.n_head, **overrides})
 
 
 def spec(args, cfg, *, lr, seed, name, steps=None, warmup=None, schedule="trapezoid",
