@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 import pytest
+from numba import cuda, int32
 
 from minparcae import kernels, model, optim
 from minparcae.kernels import cuda as K
@@ -294,3 +295,28 @@ def test_model_through_the_cuda_kernels(monkeypatch):
     assert abs(loss32 - loss64) <= 1e-6 * loss64
     for name, g in grads64.items():
         assert np.linalg.norm(grads32[name] - g) <= 1e-5 * np.linalg.norm(g), name
+
+
+@pytest.mark.skipif(not os.environ.get("NUMBA_ENABLE_CUDASIM"), reason="the simulator's shared arrays")
+def test_simulated_shared_arrays_are_one_per_line_and_block():
+    """kernels/cuda.py creates the simulator's shared arrays under a lock (its own look-up is not
+    atomic, and two threads of one block could get two different arrays). It must keep the
+    simulator's meaning: every thread of a block gets the same array for one source line, and two
+    lines get two arrays. The kernel below writes each thread's index into two shared arrays and
+    then reads all of them back after a barrier."""
+    @cuda.jit
+    def share(out):
+        a = cuda.shared.array(32, int32)
+        b = cuda.shared.array(32, int32)
+        t = cuda.threadIdx.x
+        a[t] = t
+        b[t] = -t
+        cuda.syncthreads()
+        total = 0
+        for j in range(32):
+            total += a[j] - b[j]
+        out[cuda.blockIdx.x, t] = total
+
+    out = np.zeros((3, 32), dtype=np.int32)
+    share[3, 32](out)
+    assert (out == 2 * sum(range(32))).all()

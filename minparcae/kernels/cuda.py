@@ -21,9 +21,11 @@ import, so each compiled kernel contains one strategy.
 
 import functools
 import math
+import sys
+import threading
 
 import numpy as np
-from numba import cuda, float32
+from numba import config, cuda, float32
 
 from ..backend import array_module
 
@@ -34,6 +36,41 @@ THREADS = 256  # threads per block of the elementwise kernels
 FULL_MASK = 0xFFFFFFFF
 NEG_INF, ZERO, HALF, ONE = np.float32(-np.inf), np.float32(0), np.float32(0.5), np.float32(1)
 _REDUCE_BUF = 32 if WARP_SHUFFLES else 1024  # shared slots a block reduction needs: per warp, per thread
+
+
+def _serialise_simulated_shared_arrays():
+    """Make the CUDA simulator's shared arrays safe to create from several threads at once.
+
+    The simulator runs a block's threads as Python threads, and `cuda.shared.array(...)` looks the
+    array up by the calling source line and creates it when it is absent. Look-up and creation are
+    not atomic: in the first block of a launch two threads can each create their own "shared" array
+    and never see each other's writes. On a busy CPU that gave wrong rows in the first block of
+    the flash-attention forward in about one launch in a hundred. This is the simulator's own
+    function with the look-up and creation under one lock; on a GPU nothing is changed."""
+    from numba.cuda import types
+    from numba.cuda.np import numpy_support
+    from numba.cuda.simulator import kernelapi
+
+    original, lock = kernelapi.FakeCUDAShared.array, threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or unsupported: as before
+            return original(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        frame = sys._getframe(1)  # the kernel line that asks: one array per line and block
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            found = self._allocations.get(caller)
+            if found is None:
+                found = self._allocations[caller] = np.empty(shape, dtype)
+        return found
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+if config.ENABLE_CUDASIM:
+    _serialise_simulated_shared_arrays()
 
 
 def _cdiv(a, b):
