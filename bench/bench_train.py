@@ -8,7 +8,10 @@ A training step is forward, backward through the last μ_bwd loop steps, and Ada
 hyper-parameters and weight-decay groups on both sides). Both implementations start from the
 same float32 parameters, batch and initial state, with every sequence at depth μ_rec (no Poisson
 draw), so they do the same work. Steps are timed alternately, one of each per repeat, after one
-warm-up step each (after compiling, for torch.compile), and the table gives the median.
+warm-up step each (after compiling, for torch.compile). The table gives the median tokens/s of
+each, and as their ratio the median over the repeats of the ratio within each repeat: two steps
+timed back to back see the same machine, so that ratio holds up when the machine's speed drifts
+between repeats (on a shared host it can change by 2× within a minute).
 
 Memory, "peak" below: how far memory rose during one step above what the process held just
 before it (parameters, optimiser state, batch), so it is the activations, gradients and
@@ -20,12 +23,11 @@ temporaries of one step:
   gpu  PyTorch: torch.cuda.max_memory_allocated − memory_allocated at the start of the step;
        minparcae: the same count for CuPy's memory pool, kept by a memory hook (bytes handed out
        minus bytes returned, highest value during the step).
-Threads on CPU: PyTorch gets as many threads as NumPy's BLAS (OpenBLAS) uses; minparcae's Numba
-kernels use Numba's thread count. Both are printed above the table. minparcae then runs two
-thread pools that spin while they wait, OpenBLAS's and Numba's (OpenMP layer by default); on a
-small or busy machine they slow each other down. To see how much, compare a run under
-NUMBA_THREADING_LAYER=workqueue; OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 gives a one-thread
-comparison, the steadiest on a shared machine.
+Threads on CPU: PyTorch gets as many threads as NumPy's BLAS (OpenBLAS) is set to; minparcae's
+products and attention jobs use that many threads of its own pool (BLAS single-threaded inside
+each), and its Numba kernels Numba's thread count. Both are printed above the table.
+OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 gives a one-thread comparison, the steadiest on a
+shared machine.
 """
 
 import argparse
@@ -148,7 +150,7 @@ def torch_step(cfg, params_np, ids, targets, depths, h0, device, compile=False):
 
 
 def bench_one(cfg, batch_size, repeats, device):
-    """Median step seconds and peak bytes of each implementation on one config."""
+    """Step seconds of each implementation per repeat, and peak bytes, on one config."""
     rng = np.random.default_rng(0)
     T = cfg.context
     ids = rng.integers(0, cfg.vocab_size, (batch_size, T))
@@ -192,7 +194,7 @@ def bench_one(cfg, batch_size, repeats, device):
                 for name, step in steps.items()}
     else:
         peak = {name: cpu_peak_bytes(step) for name, step in steps.items()}
-    return {name: statistics.median(t) for name, t in times.items()}, peak
+    return times, peak
 
 
 def table(rows, compiled):
@@ -201,12 +203,13 @@ def table(rows, compiled):
     if compiled:
         head += ["torch.compile tok/s", "torch.compile peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for size, cfg, tokens, seconds, peak in rows:
-        tok_s = {name: tokens / s for name, s in seconds.items()}
+    for size, cfg, tokens, times, peak in rows:
+        tok_s = {name: tokens / statistics.median(t) for name, t in times.items()}
+        ratio = statistics.median(t / m for t, m in zip(times["torch"], times["minparcae"]))
         cells = [size, f"{model.count_params(cfg) / 1e6:.1f}M",
                  f"{cfg.mean_recurrence} / {cfg.backprop_depth}", f"{tokens:,}",
                  f"{tok_s['minparcae']:,.0f}", f"{tok_s['torch']:,.0f}",
-                 f"{tok_s['minparcae'] / tok_s['torch']:.2f}",
+                 f"{ratio:.2f}",
                  f"{peak['minparcae'] / 2**20:.0f}", f"{peak['torch'] / 2**20:.0f}"]
         if compiled:
             cells += ([f"{tok_s['torch.compile']:,.0f}", f"{peak['torch.compile'] / 2**20:.0f}"]
@@ -226,10 +229,10 @@ def main():
         batch_size = args.batch_size or default_batch
         for loops in args.loops:
             cfg = replace(base, mean_recurrence=loops, backprop_depth=args.backprop_depth)
-            seconds, peak = bench_one(cfg, batch_size, args.repeats, args.device)
-            rows.append((size, cfg, batch_size * cfg.context, seconds, peak))
-            print(f"{size} μ_rec {loops}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in seconds.items()),
-                  flush=True)
+            times, peak = bench_one(cfg, batch_size, args.repeats, args.device)
+            rows.append((size, cfg, batch_size * cfg.context, times, peak))
+            print(f"{size} μ_rec {loops}: " + ", ".join(f"{k} {statistics.median(v) * 1e3:.0f} ms"
+                                                          for k, v in times.items()), flush=True)
     if args.device == "cpu":
         import numba
         setup = (f"cpu: NumPy BLAS (OpenBLAS) threads {blas_threads()}, PyTorch threads "
@@ -237,7 +240,7 @@ def main():
                  f"(threading layer {numba.threading_layer()})")
     else:
         setup = f"gpu: {torch.cuda.get_device_name()}"
-    setup += f"; float32; median of {args.repeats} steps; torch {torch.__version__}, numpy {np.__version__}"
+    setup += f"; float32; medians of {args.repeats} alternating steps; torch {torch.__version__}, numpy {np.__version__}"
     text = setup + "\n\n" + table(rows, compiled=args.device == "gpu") + "\n"
     print("\n" + text)
     if args.out:

@@ -5,11 +5,11 @@
 
 Every op's forward and backward, every fast-path kernel, the model's own code and the optimiser
 run inside a timer. The timers nest, and each reports its exclusive time: a call's duration minus
-that of the timed calls inside it. So `attention.forward` is the q/k/v/o projections, the head
-reshapes and the value-embedding gate, without the rotary, QK-norm and softmax·V it calls, and
-`model.*` is what model.py does itself: the lm head and C products, residual adds, the loop's
-bookkeeping. The categories group those rows (matmul-bound ops, attention's T×T core,
-elementwise and row-wise ops, cross-entropy, embeddings, optimiser).
+that of the timed calls inside it. With the kernels on, every large matrix product goes through
+the `matmul` kernel, so `kernel:matmul` is the BLAS time; `attention.forward` is then what is left
+of the op (reshapes, the head split, the gate), and `model.*` is what model.py does itself
+(residual adds, the loop's bookkeeping). The categories group those rows. With
+MINPARCAE_KERNELS=0 the products are counted in the ops that make them.
 """
 
 import argparse
@@ -26,10 +26,11 @@ from minparcae.ops import attention, cross_entropy, embedding, injection, linear
 from sizes import SIZES
 
 CATEGORY = {  # row label prefix -> category
-    "linear.": "matmul (MLP fc and proj)",
-    "attention.forward": "matmul (attention projections, gate, reshapes)",
-    "attention.backward": "matmul (attention projections, gate, reshapes)",
-    "model.": "matmul (lm head, C) + residual adds, loop bookkeeping",
+    "kernel:matmul": "matrix products (q/k/v/o, MLP, lm head, C, injection)",
+    "linear.": "op glue (reshapes, head split and merge, q/k/v weights side by side, gate)",
+    "attention.forward": "op glue (reshapes, head split and merge, q/k/v weights side by side, gate)",
+    "attention.backward": "op glue (reshapes, head split and merge, q/k/v weights side by side, gate)",
+    "model.": "model code (residual adds, loop bookkeeping)",
     "attention.causal_attention": "attention core (scores, softmax, P·V)",
     "kernel:attention": "attention core (scores, softmax, P·V)",
     "cross_entropy.": "cross-entropy",
@@ -37,6 +38,7 @@ CATEGORY = {  # row label prefix -> category
     "embedding.": "embeddings (gather, scatter-add)",
     "kernel:scatter_add": "embeddings (gather, scatter-add)",
     "optim.": "optimiser (AdamW)",
+    "kernel:adamw": "optimiser (AdamW)",
 }
 ELEMENTWISE = "elementwise / row-wise (norms, rotary, ReLU², injection)"
 

@@ -41,7 +41,7 @@ import numpy as np
 from . import backend
 from .backend import array_module, to_host
 from .ops import attention, cross_entropy, embedding, injection, mlp, rmsnorm, rotary
-from .ops.attention import rows_matmul  # x @ W as one BLAS call for x of shape (B, T, n)
+from .ops.linear import rows_matmul, rows_t_matmul  # x @ W and Σ xᵀG as one product each
 
 INJECTIONS = injection.KINDS + ("none",)
 STATE_INITS = ("like-init", "seeded", "zero")
@@ -484,10 +484,10 @@ def backward(p, cfg, cache):
     dlogits = cross_entropy.backward(1.0, caches["loss"])["logits"]  # (B, T, V)
     x = cache["x_final"]
     if cfg.tie_embeddings:
-        _acc(grads, "wte", dlogits.reshape(-1, dlogits.shape[-1]).T @ x.reshape(-1, x.shape[-1]))
+        _acc(grads, "wte", rows_t_matmul(dlogits, x))
         dx = rows_matmul(dlogits, p["wte"])
     else:
-        _acc(grads, "lm_head", x.reshape(-1, x.shape[-1]).T @ dlogits.reshape(-1, dlogits.shape[-1]))
+        _acc(grads, "lm_head", rows_t_matmul(x, dlogits))
         dx = rows_matmul(dlogits, p["lm_head"].T)
     g = rmsnorm.backward(dx, caches["final_norm"])
     _acc(grads, "final_norm", g["weight"])
@@ -499,7 +499,7 @@ def backward(p, cfg, cache):
         _add_ve(dve, name, g_ve)
     if cfg.looped:
         (h,) = caches["C"]
-        _acc(grads, "C", h.reshape(-1, h.shape[-1]).T @ dx.reshape(-1, dx.shape[-1]))
+        _acc(grads, "C", rows_t_matmul(h, dx))
         dh = rows_matmul(dx, p["C"].T)  # (B, T, d_h)
     else:
         dh = dx

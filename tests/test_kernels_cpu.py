@@ -6,7 +6,7 @@ Tolerances: float64 within 1e-12 relative (only the summation order differs), fl
 import numpy as np
 import pytest
 
-from minparcae import kernels
+from minparcae import kernels, optim
 from minparcae.kernels import cpu
 from minparcae.ops import attention, cross_entropy, embedding, mlp, rmsnorm, rotary
 
@@ -63,6 +63,26 @@ def test_rotary_forward_and_backward(dtype):
     y_ref, _ = reference(rotary.forward, x, cos, sin)
     close(y, y_ref, dtype)
     close(rotary.backward(y, c)["x"], reference(rotary.backward, y, c)["x"], dtype)
+
+
+def test_rope_then_qk_norm_in_one_pass(dtype):
+    """The fused kernel against rotary then RMSNorm, on heads 1..3 of a (B, T, heads, hs) array
+    like attention's q/k/v product; the backward writes into those heads only."""
+    rng = np.random.default_rng(11)
+    qkv = 3.0 * rng.standard_normal((2, 7, 5, 8)).astype(dtype)  # (B, T, heads, hs)
+    x = qkv[:, :, 1:4].transpose(0, 2, 1, 3)  # (B, 3, T, hs)
+    cos, sin = rotary.tables(7, 8, dtype=dtype)
+    y, r = cpu.rope_rmsnorm_forward(qkv, 1, 3, cos, sin, rmsnorm.EPS)
+    y_ref, (_, r_ref, _) = reference(rmsnorm.forward, reference(rotary.forward, x, cos, sin)[0])
+    close(y, y_ref, dtype)
+    close(r, r_ref, dtype)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx_ref = reference(rmsnorm.backward, dy, (y_ref, r_ref, None))["x"]
+    dx_ref = reference(rotary.backward, dx_ref, (cos, sin))["x"]
+    out = np.full_like(qkv, 7.0)
+    cpu.rope_rmsnorm_backward(dy, y, r, cos, sin, out, 1)
+    close(out[:, :, 1:4].transpose(0, 2, 1, 3), dx_ref, dtype)
+    assert (out[:, :, [0, 4]] == 7.0).all()
 
 
 def test_relu2_mlp(dtype):
@@ -134,3 +154,34 @@ def test_causal_attention_core_in_row_blocks(dtype, block, T, heads, monkeypatch
         assert g.dtype == dtype
         close(g, g_ref, dtype)
     assert (control[0]() if control else None) == threads
+
+
+def test_adamw_step_matches_the_reference(dtype):
+    rng = np.random.default_rng(8)
+    shapes = {"core.0.mlp.fc": (7, 300), "core.0.norm1": (300,)}  # decayed, not decayed
+    params = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+    ref = {k: v.copy() for k, v in params.items()}
+    start = {k: v.copy() for k, v in params.items()}
+    fast, slow = optim.AdamW(betas=(0.8, 0.95), eps=1e-10), optim.AdamW(betas=(0.8, 0.95), eps=1e-10)
+    for _ in range(3):
+        grads = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+        fast.step(params, grads, lr=1e-2)
+        reference(slow.step, ref, grads, lr=1e-2)
+    for name in shapes:
+        assert params[name].dtype == dtype
+        close(params[name], ref[name], dtype)
+        close(fast.m[name], slow.m[name], dtype)
+        close(fast.v[name], slow.v[name], dtype)
+        assert np.abs(params[name] - start[name]).mean() > 1e-3  # the update did something
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_matmul_split_over_threads(dtype, threads, monkeypatch):
+    """Row and column splits, transposed operands, and a product too small to split."""
+    monkeypatch.setattr(cpu, "_threads", lambda: threads)
+    monkeypatch.setattr(cpu, "MATMUL_SPLIT_MIN", 1000)
+    rng = np.random.default_rng(12)
+    a = rng.standard_normal((40, 30)).astype(dtype)
+    b = rng.standard_normal((30, 50)).astype(dtype)
+    for x, y in ((a, b[:, :20]), (a[:10], b), (b.T, a.T), (a[:3, :4], b[:4, :5])):  # M ≥ N, M < N
+        close(cpu.matmul(x, y), x @ y, dtype)

@@ -7,12 +7,16 @@ is asked for. Tests compare every registered kernel with the reference.
 
 Switch them off with `use_kernels(False)` or MINPARCAE_KERNELS=0 (the reference alone, to compare).
 
-The contracts (every array argument is C-contiguous; `fast` returns None for dtypes a device's
-kernels do not cover):
+The contracts (array arguments are C-contiguous unless a line says otherwise; `fast` returns None
+for dtypes a device's kernels do not cover):
     rmsnorm_forward(x, weight | None, eps)          -> (y, xhat, r)
     add_rmsnorm_forward(x, res, weight | None, eps) -> (x + res, y, xhat, r)
     rmsnorm_backward(dout, xhat, r, weight | None, dres | None) -> (dx (+ dres), dweight | None)
     rotary(x, cos, sin)                             -> y          (the backward passes −sin)
+    rope_rmsnorm_forward(x, first, n, cos, sin, eps) -> (y, r)    QK-norm after rotary, no weight:
+        y = RMSNorm(rotary(heads first..first+n−1 of x)), (B, n, T, hs); x: (B, T, heads, hs);
+        r: (B, n, T, 1), as rmsnorm's
+    rope_rmsnorm_backward(dy, y, r, cos, sin, out, first) -> None  dL/dx into those heads of out
     relu2_forward(u)                                -> (a, g)     a = relu(u), g = ½ a²
     relu2_backward(dg, a)                           -> dg ⊙ a
     injection_forward(h, u, A_bar)                  -> Ā ⊙ h + u
@@ -21,6 +25,7 @@ kernels do not cover):
     softmax_xent(z, targets, valid, n_valid)        -> (loss_rows, grad)
         loss_rows[i] = valid_i (logsumexp z_i − z_i[y_i]);  grad = valid (softmax z − onehot y) / n_valid
     scatter_add(table, rows, values)                -> None       table[rows[i]] += values[i]
+    matmul(a, b)                                    -> a @ b      a, b: matrices, any strides
     attention_forward(q, k, v, scale)               -> (y, cache)   causal; q, k, v: (B, H, T, hs)
     attention_backward(dy, cache)                   -> (dq, dk, dv)  (the op keeps the pair together)
 """

@@ -11,7 +11,7 @@ differ from NumPy's only by summation order.
 import ctypes
 import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numba
 import numpy as np
@@ -128,6 +128,63 @@ def rotary(x, cos, sin):
     return y.reshape(x.shape)
 
 
+# QK-norm after the rotary embedding, in one pass per row. A rotation keeps each row's length, so
+# r = 1/rms(x) can be taken before rotating: y = RoPE(x)·r = N(RoPE(x)). The rows are read from
+# (and the backward's written to) the heads of the fused q/k/v product in place, (B, T, heads, hs),
+# so the head split's copies go too; the kernel sees them C-contiguous, which lets it vectorise.
+
+@njit(**_jit)
+def _rope_rmsnorm_forward(x, first, cos, sin, eps, y, r):  # x: (B, T, heads, hs); y: (B, n, T, hs)
+    B, n, T, hs = y.shape
+    for bh in prange(B * n):
+        b, h = bh // n, bh % n
+        for t in range(T):
+            ss = 0.0
+            for j in range(hs):
+                ss += x[b, t, first + h, j] * x[b, t, first + h, j]
+            ri = 1.0 / math.sqrt(ss / hs + eps)
+            r[b, h, t] = ri
+            for i in range(hs // 2):
+                x0, x1 = x[b, t, first + h, 2 * i], x[b, t, first + h, 2 * i + 1]
+                c, s = cos[t, i], sin[t, i]
+                y[b, h, t, 2 * i] = (x0 * c - x1 * s) * ri
+                y[b, h, t, 2 * i + 1] = (x0 * s + x1 * c) * ri
+
+
+def rope_rmsnorm_forward(x, first, n, cos, sin, eps):
+    B, T, _, hs = x.shape
+    y = np.empty((B, n, T, hs), dtype=x.dtype)
+    r = np.empty((B, n, T), dtype=x.dtype)
+    _run(_rope_rmsnorm_forward, y.size, x, first, np.ascontiguousarray(cos, dtype=x.dtype),
+         np.ascontiguousarray(sin, dtype=x.dtype), eps, y, r)
+    return y, r[..., None]
+
+
+@njit(**_jit)
+def _rope_rmsnorm_backward(g, y, r, cos, sin, out, first):  # dx = RoPEᵀ(r (g − y · mean(g ⊙ y)))
+    B, n, T, hs = g.shape
+    for bh in prange(B * n):
+        b, h = bh // n, bh % n
+        for t in range(T):
+            dot = 0.0
+            for j in range(hs):
+                dot += g[b, h, t, j] * y[b, h, t, j]
+            mean = dot / hs
+            ri = r[b, h, t]
+            for i in range(hs // 2):
+                u0 = ri * (g[b, h, t, 2 * i] - y[b, h, t, 2 * i] * mean)
+                u1 = ri * (g[b, h, t, 2 * i + 1] - y[b, h, t, 2 * i + 1] * mean)
+                c, s = cos[t, i], sin[t, i]
+                out[b, t, first + h, 2 * i] = u0 * c + u1 * s
+                out[b, t, first + h, 2 * i + 1] = u1 * c - u0 * s
+
+
+def rope_rmsnorm_backward(dy, y, r, cos, sin, out, first):
+    _run(_rope_rmsnorm_backward, dy.size, np.ascontiguousarray(dy), y, r.reshape(r.shape[:-1]),
+         np.ascontiguousarray(cos, dtype=dy.dtype), np.ascontiguousarray(sin, dtype=dy.dtype), out,
+         first)
+
+
 @njit(**_jit)
 def _relu2(u, a, g):  # flat arrays
     for i in prange(u.size):
@@ -204,6 +261,26 @@ def scatter_add(table, rows, values):
     _run(_scatter_add, values.size, table, rows, np.ascontiguousarray(values))
 
 
+@njit(**_jit)
+def _adamw(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step, sqrt_bc2, eps):
+    for e in prange(p.size):  # flat arrays; optim.AdamW's update, one pass instead of ten
+        ge = g[e]
+        me = beta1 * m[e] + one_minus_beta1 * ge
+        ve = beta2 * v[e] + one_minus_beta2 * ge * ge
+        m[e], v[e] = me, ve
+        p[e] = p[e] * decay - step * me / (math.sqrt(ve) / sqrt_bc2 + eps)
+
+
+def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2):
+    """optim.AdamW's update of p, m, v in place. The scalars are cast to the arrays' dtype, so a
+    float32 parameter is updated in float32 arithmetic, as NumPy does it."""
+    f = p.dtype.type
+    g = np.ascontiguousarray(g)
+    _run(_adamw, p.size, p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+         f(1 - lr * weight_decay), f(beta1), f(1 - beta1), f(beta2), f(1 - beta2),
+         f(lr / bias_correction1), f(math.sqrt(bias_correction2)), f(eps))
+
+
 # Causal attention in row blocks. Query rows r0..r1−1 attend to keys 0..r1−1 only, so the
 # scores of a row block are the (r1−r0) × r1 product q[r0:r1] k[:r1]ᵀ, and the blocks above the
 # diagonal, which the mask would zero, are never computed: with T/ATTN_BLOCK blocks the matrix
@@ -224,7 +301,8 @@ _serial = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 @functools.cache
 def _blas_thread_control():
     """(get, set) of the thread count of the OpenBLAS that NumPy loaded, or None (another BLAS,
-    or no /proc): then one job takes all the heads, and BLAS threads its products as it likes."""
+    or no /proc): then minparcae runs its work on the calling thread, and BLAS threads its
+    products as it likes."""
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
@@ -244,30 +322,70 @@ def _blas_thread_control():
 
 @functools.cache
 def _pool(n):
-    return ThreadPoolExecutor(n, thread_name_prefix="minparcae-heads")
+    return ThreadPoolExecutor(n, thread_name_prefix="minparcae")
 
 
-def _split_heads(M):
-    """Slices [lo, hi) of the M heads, one per BLAS thread."""
+def _threads():
+    """How many threads minparcae's CPU work may use: the thread count NumPy's OpenBLAS is set to
+    (OPENBLAS_NUM_THREADS, by default the cores), or 1 when that BLAS cannot be controlled."""
     control = _blas_thread_control()
-    n = max(1, min(M, control[0]() if control else 1))
+    return control[0]() if control else 1
+
+
+def _split(M, n):
+    """n slices [lo, hi) of range(M), as even as can be (fewer if M < n)."""
+    n = max(1, min(M, n))
     cuts = [M * i // n for i in range(n + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _over_heads(job, slices):
-    """job(lo, hi) for each slice of heads, run at once with BLAS single-threaded meanwhile.
-    Returns the jobs' results in order. (BLAS's thread count is process-wide: BLAS called from
-    another thread meanwhile runs single-threaded too.)"""
-    if len(slices) == 1:
-        return [job(*slices[0])]
-    get, put = _blas_thread_control()
+def _split_heads(M):
+    """Slices [lo, hi) of the M heads, one per thread."""
+    return _split(M, _threads())
+
+
+def _parallel(job, slices):
+    """job(lo, hi) for each slice, all at once: the first on the calling thread, the others on a
+    pool, with BLAS single-threaded meanwhile. Returns the jobs' results in order. (BLAS's thread
+    count is process-wide: BLAS called from another thread meanwhile runs single-threaded too, and
+    a _parallel inside a job sees one thread and runs inline.)"""
+    control = _blas_thread_control()
+    if len(slices) == 1 or control is None:
+        return [job(*s) for s in slices]
+    get, put = control
     threads = get()
     put(1)
     try:
-        return list(_pool(len(slices)).map(job, *zip(*slices)))
+        rest = [_pool(len(slices) - 1).submit(job, *s) for s in slices[1:]]
+        try:
+            first = job(*slices[0])
+        finally:
+            wait(rest)
+        return [first] + [f.result() for f in rest]
     finally:
         put(threads)
+
+
+# Matrix products, split over the threads by rows (or columns, when the rows are fewer), each
+# slice one single-threaded BLAS call into its part of the output. OpenBLAS's own threads, once
+# woken, spin for a long while after their product is done (2^28 cycles, ~0.1 s, by default);
+# between products the cores are wanted by the Numba kernels and the attention jobs, and three
+# busy threads on two cores slowed every one of them. minparcae's pool threads sleep instead.
+MATMUL_SPLIT_MIN = 1 << 22  # multiply-adds; below this one thread is quicker than a hand-off
+
+
+def matmul(a, b):
+    M, K = a.shape
+    N = b.shape[1]
+    n = _threads()
+    if n == 1 or M * N * K < MATMUL_SPLIT_MIN:
+        return a @ b
+    out = np.empty((M, N), dtype=np.result_type(a, b))
+    if M >= N:
+        _parallel(lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), _split(M, n))
+    else:
+        _parallel(lambda lo, hi: np.matmul(a, b[:, lo:hi], out=out[:, lo:hi]), _split(N, n))
+    return out
 
 
 def _row_blocks(T):
@@ -343,7 +461,7 @@ def attention_forward(q, k, v, scale):
         return p_blocks
 
     slices = _split_heads(q3.shape[0])
-    p_blocks = _over_heads(job, slices)
+    p_blocks = _parallel(job, slices)
     return y.reshape(q.shape), (q3, k3, v3, slices, p_blocks, scale)
 
 
@@ -365,7 +483,7 @@ def attention_backward(dy, cache):
             np.matmul(ds, k3[lo:hi, :r1], out=dq[lo:hi, r0:r1])
             dk[lo:hi, :r1] += ds.transpose(0, 2, 1) @ q3[lo:hi, r0:r1]
 
-    _over_heads(job, slices)
+    _parallel(job, slices)
     return dq.reshape(shape), dk.reshape(shape), dv.reshape(shape)
 
 
@@ -373,4 +491,6 @@ _FLOATS = {np.dtype(np.float32), np.dtype(np.float64)}
 KERNELS = {name: (func, _FLOATS) for name, func in {
     "rmsnorm_forward": rmsnorm_forward, "rmsnorm_backward": rmsnorm_backward, "rotary": rotary,
     "relu2_forward": relu2_forward, "softmax_xent": softmax_xent, "scatter_add": scatter_add,
-    "attention_forward": attention_forward, "attention_backward": attention_backward}.items()}
+    "attention_forward": attention_forward, "attention_backward": attention_backward,
+    "adamw_step": adamw_step, "rope_rmsnorm_forward": rope_rmsnorm_forward,
+    "rope_rmsnorm_backward": rope_rmsnorm_backward, "matmul": matmul}.items()}

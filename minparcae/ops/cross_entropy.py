@@ -42,7 +42,9 @@ def forward(logits, targets, ignore_index=IGNORE_INDEX, scale=1.0, softcap=None)
     """logits: (..., V) float; targets: (...) ints. Returns the scalar mean loss (0-d array)."""
     xp = array_module(logits)
     V = logits.shape[-1]
-    z = logits.reshape(-1, V) * scale  # (N, V)
+    z = logits.reshape(-1, V)  # (N, V)
+    if scale != 1.0:  # a copy of the logits only when it changes them
+        z = z * scale
     if softcap is not None:
         z = softcap * xp.tanh(z / softcap)
     y = targets.reshape(-1)
@@ -57,8 +59,14 @@ def forward(logits, targets, ignore_index=IGNORE_INDEX, scale=1.0, softcap=None)
 
 
 def backward(dloss, cache):
+    """The forward already holds softmax − onehot; this scales it (at dloss = scale = 1 with no cap
+    it returns that array itself, which the caller must not modify)."""
     grad, z, shape, scale, softcap = cache
-    g = grad * dloss
+    factor = dloss * scale
     if softcap is not None:
-        g *= 1.0 - (z / softcap) ** 2
-    return {"logits": (g * scale).reshape(shape)}
+        g = grad * (factor * (1.0 - (z / softcap) ** 2))
+    elif factor != 1.0:
+        g = grad * grad.dtype.type(factor)
+    else:
+        g = grad
+    return {"logits": g.reshape(shape)}

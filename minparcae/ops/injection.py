@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import kernels
 from ..backend import array_module, to_host
+from .linear import rows_matmul, rows_t_matmul
 
 KINDS = ("diagonal", "linear", "add")
 
@@ -63,11 +64,11 @@ def input_forward(kind, p, e):
     """u, the part of the injection that depends only on e: (B, T, d) -> (B, T, d_h)."""
     if kind == "diagonal":
         delta = softplus(p["inject.dt_bias"])
-        eB = e @ p["inject.B"]
+        eB = rows_matmul(e, p["inject.B"])
         return delta * eB, (kind, e, eB, delta)
     if kind == "linear":
         W = p["inject.W"]
-        return e @ W[W.shape[1]:], (kind, e)
+        return rows_matmul(e, W[W.shape[1]:]), (kind, e)
     return e, (kind,)
 
 
@@ -78,8 +79,8 @@ def input_backward(du, cache, p):
         _, e, eB, delta = cache
         g = du * delta  # (B, T, d_h)
         d_delta = (du * eB).reshape(-1, eB.shape[-1]).sum(axis=0)
-        return {"e": g @ p["inject.B"].T,
-                "inject.B": e.reshape(-1, e.shape[-1]).T @ g.reshape(-1, g.shape[-1]),
+        return {"e": rows_matmul(g, p["inject.B"].T),
+                "inject.B": rows_t_matmul(e, g),
                 "inject.dt_bias": d_delta * sigmoid(p["inject.dt_bias"])}
     if kind == "linear":
         _, e = cache
@@ -87,8 +88,8 @@ def input_backward(du, cache, p):
         d_h = W.shape[1]
         xp = array_module(W)
         dW = xp.zeros_like(W)
-        dW[d_h:] = e.reshape(-1, e.shape[-1]).T @ du.reshape(-1, d_h)
-        return {"e": du @ W[d_h:].T, "inject.W": dW}
+        dW[d_h:] = rows_t_matmul(e, du)
+        return {"e": rows_matmul(du, W[d_h:].T), "inject.W": dW}
     return {"e": du}
 
 
@@ -101,7 +102,7 @@ def state_forward(kind, p, h, u):
         return x, (kind, h, A_bar, delta, a)
     if kind == "linear":
         W = p["inject.W"]
-        return h @ W[: W.shape[1]] + u, (kind, h)
+        return rows_matmul(h, W[: W.shape[1]]) + u, (kind, h)
     return h + u, (kind,)
 
 
@@ -124,6 +125,6 @@ def state_backward(dx, cache, p):
         d_h = W.shape[1]
         xp = array_module(W)
         dW = xp.zeros_like(W)
-        dW[:d_h] = h.reshape(-1, d_h).T @ dx.reshape(-1, d_h)
-        return {"h": dx @ W[:d_h].T, "u": dx, "inject.W": dW}
+        dW[:d_h] = rows_t_matmul(h, dx)
+        return {"h": rows_matmul(dx, W[:d_h].T), "u": dx, "inject.W": dW}
     return {"h": dx, "u": dx}
