@@ -6,7 +6,8 @@
     python train.py --out runs/mine --resume          # continue a run exactly where it stopped
 
 Each step: sample a batch of windows and a loop depth per sequence, run the model forward (the
-last μ_bwd loop steps keep activations), backward by hand, clip, update. Validation loss at
+last μ_bwd loop steps keep activations), backward by hand, clip, update. On the CPU the batch is
+split over the cores, one group of sequences per thread (model.loss_and_grads). Validation loss at
 T = μ_rec every --eval-every steps and at the end, each time followed by a checkpoint
 (<out>/ckpt.npz). Per-step metrics go to <out>/log.jsonl. Ctrl-C saves a checkpoint and exits.
 """
@@ -143,9 +144,7 @@ def main(argv=None):
                 lr = optim.lr_at(step, args.steps, args.lr, args.warmup, args.schedule)
                 x, y = data.get_batch(dataset.train, args.batch_size, cfg.context, rng)
                 depths = model.sample_depths(rng, args.batch_size, cfg)
-                loss, cache, diag = model.forward(params, cfg, x, y, depths=depths, rng=rng, train=True)
-                grads = model.backward(params, cfg, cache)
-                del cache
+                loss, grads, diag = model.loss_and_grads(params, cfg, x, y, depths=depths, rng=rng)
                 grad_norm = optim.clip_grad_norm(grads, args.clip)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     skipped += 1

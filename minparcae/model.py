@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from . import backend
+from . import backend, kernels
 from .backend import array_module, to_host
 from .ops import attention, cross_entropy, embedding, injection, mlp, rmsnorm, rotary
 from .ops.linear import rows_matmul, rows_t_matmul  # x @ W and Σ xᵀG as one product each
@@ -471,17 +471,18 @@ def loop_forward(p, cfg, kind, e, h, depths, n_grad, rope, ve):
     # squares long before its entries overflow, and the diagnostics should still measure it
     h64, prev64 = h.astype(xp.float64), h_prev.astype(xp.float64)
     norm_T = xp.sqrt((h64 * h64).sum(axis=-1))  # (B, T)
-    diag = {"steps": S, "state_norm": float(norm_T.mean()),
-            "residual": float(xp.linalg.norm(h64 - prev64) / max(float(xp.linalg.norm(h64)), 1e-30))}
+    state_sq = float((h64 * h64).sum())  # kept so that loss_and_grads can combine parts' residuals
+    diag = {"steps": S, "state_norm": float(norm_T.mean()), "state_sq": state_sq,
+            "residual": float(xp.linalg.norm(h64 - prev64)) / max(math.sqrt(state_sq), 1e-30)}
     return h, steps, u_cache, diag
 
 
-def backward(p, cfg, cache):
-    """Gradients of the mean cross-entropy with respect to every parameter (a dict like p)."""
+def backward(p, cfg, cache, dloss=1.0):
+    """Gradients of dloss × the mean cross-entropy with respect to every parameter (a dict like p)."""
     xp = array_module(p["wte"])
     grads = {k: xp.zeros_like(v) for k, v in p.items()}
     caches = cache["caches"]
-    dlogits = cross_entropy.backward(1.0, caches["loss"])["logits"]  # (B, T, V)
+    dlogits = cross_entropy.backward(dloss, caches["loss"])["logits"]  # (B, T, V)
     x = cache["x_final"]
     if cfg.tie_embeddings:
         _acc(grads, "wte", rows_t_matmul(dlogits, x))
@@ -520,6 +521,54 @@ def backward(p, cfg, cache):
     for name, g_ve in dve.items():
         _acc(grads, f"ve.{name}", embedding.backward(g_ve, cache["ve_caches"][name])["table"])
     return grads
+
+
+def loss_and_grads(p, cfg, ids, targets, depths=None, h0=None, rng=None):
+    """One training batch: forward(train=True), then backward. Returns (loss, grads, diag).
+
+    On the CPU the batch is split by sequence into one part per thread (kernels/cpu.py's
+    split_batch), and the parts run forward and backward at once, each on a core of its own with
+    BLAS and the kernels single-threaded inside. Nothing is shared but the parameters, so the
+    threads never wait for each other, where splitting every product and kernel over the cores
+    hands them back and forth a few hundred times per step. The mean loss over all targets is
+    Σ_i (n_i/n) L_i for parts with n_i of the n targets, so part i backpropagates dloss = n_i/n and
+    the gradients add up. The initial state is drawn for the whole batch first, so the result is
+    forward + backward's on the whole batch, up to the order of float additions."""
+    B, T = ids.shape
+    split = kernels.fast("split_batch", p["wte"])
+    if split is None or B < 2:
+        loss, cache, diag = forward(p, cfg, ids, targets, depths=depths, h0=h0, rng=rng, train=True)
+        return loss, backward(p, cfg, cache), diag
+    xp = array_module(p["wte"])
+    if depths is None:
+        depths = np.full(B, cfg.mean_recurrence)
+    depths = np.asarray(to_host(depths))
+    if h0 is None and cfg.looped:  # as forward would draw it for the whole batch
+        h0 = initial_state(cfg, (B, T, cfg.d_h), cfg.state_init, rng, p["wte"].dtype, xp)
+    counts = to_host(targets != cross_entropy.IGNORE_INDEX).reshape(B, -1).sum(axis=1)
+    n = max(int(counts.sum()), 1)
+
+    def part(lo, hi):
+        share = int(counts[lo:hi].sum()) / n
+        loss, cache, diag = forward(p, cfg, ids[lo:hi], targets[lo:hi], depths=depths[lo:hi],
+                                    h0=None if h0 is None else h0[lo:hi], train=True)
+        return share * loss, backward(p, cfg, cache, dloss=share), diag, hi - lo
+
+    parts = split(part, B)
+    loss, grads, diag, _ = parts[0]
+    diag = dict(diag)
+    change_sq = diag["residual"] ** 2 * diag["state_sq"]
+    diag["state_norm"] *= parts[0][3] / B
+    for part_loss, part_grads, part_diag, rows in parts[1:]:
+        loss += part_loss
+        for k, g in part_grads.items():
+            grads[k] += g
+        diag["steps"] = max(diag["steps"], part_diag["steps"])
+        diag["state_norm"] += part_diag["state_norm"] * rows / B
+        change_sq += part_diag["residual"] ** 2 * part_diag["state_sq"]
+        diag["state_sq"] += part_diag["state_sq"]
+    diag["residual"] = math.sqrt(change_sq) / max(math.sqrt(diag["state_sq"]), 1e-30)
+    return loss, grads, diag
 
 
 def _add_ve(dve, name, g):

@@ -134,6 +134,39 @@ def test_per_sequence_depths_match_separate_runs(value_embeddings):
                                    rtol=1e-9, atol=1e-13, err_msg=name)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("kind", ["diagonal", "none"])
+def test_batch_split_over_threads_matches_the_whole_batch(threads, kind, monkeypatch):
+    """loss_and_grads with the batch cut into 2 or 3 parts of unequal sizes, per-sequence depths
+    and ignored targets (so the parts weigh differently) against forward + backward on it whole,
+    with the initial state drawn from the same rng; and the loop diagnostics."""
+    from minparcae import kernels
+    from minparcae.kernels import cpu
+    blas_threads = [threads]  # stands in for OpenBLAS's setting, which the split lowers to 1
+    monkeypatch.setattr(cpu, "_blas_thread_control",
+                        lambda: (lambda: blas_threads[0], lambda n: blas_threads.__setitem__(0, n)))
+    cfg = tiny_cfg(injection=kind, value_embeddings=True)
+    p = perturbed_params(cfg)
+    ids, targets, _ = batch(cfg, B=5)
+    targets[1, :3] = -1
+    targets[4, :] = -1
+    depths = np.array([2, 5, 1, 3, 4])
+    loss, cache, diag = M.forward(p, cfg, ids, targets, depths=depths,
+                                  rng=np.random.default_rng(7), train=True)
+    grads = M.backward(p, cfg, cache)
+    loss_t, grads_t, diag_t = M.loss_and_grads(p, cfg, ids, targets, depths=depths,
+                                               rng=np.random.default_rng(7))
+    assert len(cpu._split(5, threads)) == threads
+    assert abs(loss_t - loss) < 1e-12 * abs(loss)
+    for name in grads:
+        np.testing.assert_allclose(grads_t[name], grads[name], rtol=1e-9, atol=1e-13, err_msg=name)
+    for key in ("steps", "rho", "state_norm", "state_sq", "residual"):
+        assert diag_t[key] == pytest.approx(diag[key], rel=1e-12), key
+    one = kernels.reference(M.loss_and_grads, p, cfg, ids, targets, depths=depths,
+                            rng=np.random.default_rng(7))  # kernels off: no split, one pass
+    assert abs(one[0] - loss) < 1e-12 * abs(loss)
+
+
 def test_diagonal_injection_is_stable_for_extreme_parameters():
     """ρ(Ā) = max_i exp(−Δ_i a_i) with Δ = softplus(dt_bias) > 0 and a = exp(A_log) > 0.
 

@@ -46,16 +46,17 @@ def test_training_lowers_the_loss(corpus, tmp_path):
 
 
 def crash_at(monkeypatch, n_calls, exc):
-    """Make the n-th backward call raise `exc` (a crash, or Ctrl-C with KeyboardInterrupt)."""
-    real, calls = model.backward, {"n": 0}
+    """Make the n-th training step's gradient raise `exc` (a crash, or Ctrl-C with
+    KeyboardInterrupt)."""
+    real, calls = model.loss_and_grads, {"n": 0}
 
-    def backward(*a, **kw):
+    def loss_and_grads(*a, **kw):
         calls["n"] += 1
         if calls["n"] == n_calls:
             raise exc
         return real(*a, **kw)
 
-    monkeypatch.setattr(train.model, "backward", backward)
+    monkeypatch.setattr(train.model, "loss_and_grads", loss_and_grads)
 
 
 def comparable(log):
@@ -88,17 +89,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(corpus, tmp_path, monkey
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
-    real = model.backward
+    real = model.loss_and_grads
     calls = {"n": 0}
 
-    def backward(*a, **kw):
+    def loss_and_grads(*a, **kw):
         calls["n"] += 1
-        grads = real(*a, **kw)
+        loss, grads, diag = real(*a, **kw)
         if calls["n"] == 3 or calls["n"] > 12:  # one bad step, later a run of bad steps
             grads["wte"][0, 0] = np.nan
-        return grads
+        return loss, grads, diag
 
-    monkeypatch.setattr(train.model, "backward", backward)
+    monkeypatch.setattr(train.model, "loss_and_grads", loss_and_grads)
     with pytest.raises(SystemExit) as err:
         train.main(args(corpus, tmp_path, "--steps", "40"))
     msg = str(err.value)

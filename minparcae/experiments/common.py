@@ -187,6 +187,9 @@ def train_run(spec, dataset=None):
             lr = optim.lr_at(step, steps, spec["lr"], spec["warmup"], spec["schedule"])
             x, y = data.get_batch(ds.train, B, cfg.context, rng)
             depths = model.sample_depths(rng, B, cfg)
+            # the whole batch at once, not model.loss_and_grads: its split of the batch over the
+            # cores changes how the gradient's sums are rounded with the number of cores, and
+            # a run's numbers should not depend on the machine or on --jobs
             loss, cache, diag = model.forward(params, cfg, x, y, depths=depths, rng=rng, train=True)
             grads = model.backward(params, cfg, cache)
             del cache

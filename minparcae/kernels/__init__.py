@@ -26,6 +26,8 @@ for dtypes a device's kernels do not cover):
         loss_rows[i] = valid_i (logsumexp z_i − z_i[y_i]);  grad = valid (softmax z − onehot y) / n_valid
     scatter_add(table, rows, values)                -> None       table[rows[i]] += values[i]
     matmul(a, b)                                    -> a @ b      a, b: matrices, any strides
+    split_batch(job, B)                             -> [job(lo, hi), ...] for slices of range(B) that
+        together cover it, in order, run at once (the reference: [job(0, B)])
     attention_forward(q, k, v, scale)               -> (y, cache)   causal; q, k, v: (B, H, T, hs)
     attention_backward(dy, cache)                   -> (dq, dk, dv)  (the op keeps the pair together)
 """

@@ -11,6 +11,7 @@ differ from NumPy's only by summation order.
 import ctypes
 import functools
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numba
@@ -31,20 +32,29 @@ if numba.config.THREADING_LAYER == "default":
 # save, and far more when another process holds a core (milliseconds instead of microseconds).
 PARALLEL_MIN = 1 << 18
 
+# Every row-wise kernel is compiled twice: with prange spread over Numba's threads, and serially
+# without the GIL (prange then runs as range). The serial one serves small inputs, and every call
+# made while minparcae runs jobs on its own threads (see _parallel: the batch split of
+# model.loss_and_grads, the attention jobs), where each job has a core to itself; Numba's
+# workqueue pool would take only one caller at a time anyway.
+_serial = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+
+
+def _kernel(fn):
+    return njit(**_jit)(fn), njit(**_serial)(fn)
+
 
 def _run(kernel, work, *args):
-    """kernel(*args), single-threaded when `work` (elements touched) is small."""
-    threads = numba.get_num_threads()
-    if work >= PARALLEL_MIN or threads == 1:
-        return kernel(*args)
-    numba.set_num_threads(1)
-    try:
-        return kernel(*args)
-    finally:
-        numba.set_num_threads(threads)
+    """kernel(*args) on Numba's threads when `work` (elements touched) is large and this is the
+    main thread; the serial build otherwise."""
+    parallel, serial = kernel
+    if work >= PARALLEL_MIN and numba.get_num_threads() > 1 and _threads() > 1 and \
+            threading.current_thread() is threading.main_thread():
+        return parallel(*args)
+    return serial(*args)
 
 
-@njit(**_jit)
+@_kernel
 def _rmsnorm_forward(x, w, has_w, eps, y, xhat, r):  # x: (N, n)
     N, n = x.shape
     for i in prange(N):
@@ -70,7 +80,7 @@ def rmsnorm_forward(x, weight, eps):
     return y.reshape(x.shape), xhat.reshape(x.shape), r.reshape(x.shape[:-1] + (1,))
 
 
-@njit(**_jit)
+@_kernel
 def _rmsnorm_backward(g, xhat, r, w, has_w, dx):  # returns nothing; dx: (N, n)
     N, n = g.shape
     for i in prange(N):
@@ -84,7 +94,7 @@ def _rmsnorm_backward(g, xhat, r, w, has_w, dx):  # returns nothing; dx: (N, n)
             dx[i, j] = r[i] * (gw - xhat[i, j] * mean)
 
 
-@njit(cache=True)
+@njit(**_serial)
 def _column_sums(g, xhat, out):  # dweight = Σ_rows g ⊙ x̂, in row blocks for the cache
     N, n = g.shape
     for i in range(N):
@@ -108,7 +118,7 @@ def rmsnorm_backward(dout, xhat, r, weight, dres=None):
     return dx.reshape(dout.shape), dweight
 
 
-@njit(**_jit)
+@_kernel
 def _rotary(x, cos, sin, y):  # x, y: (M, T, hs); cos, sin: (T, hs/2)
     M, T, hs = x.shape
     for m in prange(M):
@@ -133,7 +143,7 @@ def rotary(x, cos, sin):
 # (and the backward's written to) the heads of the fused q/k/v product in place, (B, T, heads, hs),
 # so the head split's copies go too; the kernel sees them C-contiguous, which lets it vectorise.
 
-@njit(**_jit)
+@_kernel
 def _rope_rmsnorm_forward(x, first, cos, sin, eps, y, r):  # x: (B, T, heads, hs); y: (B, n, T, hs)
     B, n, T, hs = y.shape
     for bh in prange(B * n):
@@ -160,7 +170,7 @@ def rope_rmsnorm_forward(x, first, n, cos, sin, eps):
     return y, r[..., None]
 
 
-@njit(**_jit)
+@_kernel
 def _rope_rmsnorm_backward(g, y, r, cos, sin, out, first):  # dx = RoPEᵀ(r (g − y · mean(g ⊙ y)))
     B, n, T, hs = g.shape
     for bh in prange(B * n):
@@ -185,7 +195,7 @@ def rope_rmsnorm_backward(dy, y, r, cos, sin, out, first):
          first)
 
 
-@njit(**_jit)
+@_kernel
 def _relu2(u, a, g):  # flat arrays
     for i in prange(u.size):
         v = u[i] if u[i] > 0 else 0.0
@@ -204,7 +214,7 @@ def relu2_forward(u):
 # a Numba loop makes. So each softmax is: one kernel pass (shift by the row max), NumPy's exp in
 # place, one kernel pass (normalise) -- three passes where the reference makes six or more.
 
-@njit(**_jit)
+@_kernel
 def _shift_rows(z, targets, out, z_target):  # out = z − rowmax;  z_target = z[y] − rowmax
     N, V = z.shape
     for i in prange(N):
@@ -216,7 +226,7 @@ def _shift_rows(z, targets, out, z_target):  # out = z − rowmax;  z_target = z
         z_target[i] = out[i, targets[i]]
 
 
-@njit(**_jit)
+@_kernel
 def _xent_normalise(e, targets, valid, inv_n, z_target, loss_rows):  # e = exp(z − max), in place
     N, V = e.shape
     for i in prange(N):
@@ -245,7 +255,7 @@ def softmax_xent(z, targets, valid, n_valid):
     return loss_rows, grad
 
 
-@njit(parallel=True, cache=True)
+@_kernel
 def _scatter_add(table, rows, values):  # each thread owns a slice of columns: no two write one cell
     n = table.shape[1]
     n_chunks = min(n, 8)
@@ -261,7 +271,7 @@ def scatter_add(table, rows, values):
     _run(_scatter_add, values.size, table, rows, np.ascontiguousarray(values))
 
 
-@njit(**_jit)
+@_kernel
 def _adamw(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step, sqrt_bc2, eps):
     for e in prange(p.size):  # flat arrays; optim.AdamW's update, one pass instead of ten
         ge = g[e]
@@ -295,7 +305,6 @@ ATTN_BLOCK = 64
 # from 2 ms to 400 ms). So the attention core splits the heads instead: one job per thread, each
 # job running its heads' products on one BLAS thread and its softmax passes in single-threaded
 # kernels (nogil, so the jobs run at once), with no synchronisation until the jobs are done.
-_serial = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 
 
 @functools.cache
@@ -348,10 +357,10 @@ def _parallel(job, slices):
     """job(lo, hi) for each slice, all at once: the first on the calling thread, the others on a
     pool, with BLAS single-threaded meanwhile. Returns the jobs' results in order. (BLAS's thread
     count is process-wide: BLAS called from another thread meanwhile runs single-threaded too, and
-    a _parallel inside a job sees one thread and runs inline.)"""
+    the work inside a job sees one thread, so it splits nothing further.)"""
     control = _blas_thread_control()
-    if len(slices) == 1 or control is None:
-        return [job(*s) for s in slices]
+    if len(slices) == 1 or control is None or threading.current_thread() is not threading.main_thread():
+        return [job(*s) for s in slices]  # one thread: in order (a pool thread must not wait on its pool)
     get, put = control
     threads = get()
     put(1)
@@ -364,6 +373,11 @@ def _parallel(job, slices):
         return [first] + [f.result() for f in rest]
     finally:
         put(threads)
+
+
+def split_batch(job, B):
+    """job(lo, hi) for slices of range(B), one per thread, all at once (see model.loss_and_grads)."""
+    return _parallel(job, _split(B, _threads()))
 
 
 # Matrix products, split over the threads by rows (or columns, when the rows are fewer), each
@@ -493,4 +507,5 @@ KERNELS = {name: (func, _FLOATS) for name, func in {
     "relu2_forward": relu2_forward, "softmax_xent": softmax_xent, "scatter_add": scatter_add,
     "attention_forward": attention_forward, "attention_backward": attention_backward,
     "adamw_step": adamw_step, "rope_rmsnorm_forward": rope_rmsnorm_forward,
-    "rope_rmsnorm_backward": rope_rmsnorm_backward, "matmul": matmul}.items()}
+    "rope_rmsnorm_backward": rope_rmsnorm_backward, "matmul": matmul,
+    "split_batch": split_batch}.items()}
