@@ -1,11 +1,13 @@
-"""CPU kernels: Numba `njit` versions of the row-wise and elementwise hot paths, including the
-masked softmax inside attention (its matrix products stay on BLAS). Each computes what its reference in minparcae/ops
-computes (the contracts are in kernels/__init__.py); tests/test_kernels_cpu.py holds them to it.
+"""CPU kernels: Numba `njit` versions of the row-wise and elementwise hot paths (norms, rotary,
+ReLU², cross-entropy, AdamW, the masked softmax inside attention), and the threads that run
+minparcae's CPU work: matrix products split by rows, attention heads, and a training batch's
+parts (model.loss_and_grads). Each computes what its reference in minparcae/ops computes (the
+contracts are in kernels/__init__.py); tests/test_kernels_cpu.py holds them to it.
 
 Why they are faster than the NumPy reference: NumPy evaluates `x * r * w` as separate passes over
 memory, each writing a temporary; a kernel makes one pass per row and keeps the row in cache. The
-rows are independent, so `prange` spreads them over the cores. fastmath stays off: results may
-differ from NumPy's only by summation order.
+rows are independent, so `prange` spreads them over the cores. fastmath is limited to reordering
+sums: results may differ from NumPy's only by summation order.
 """
 
 import ctypes
