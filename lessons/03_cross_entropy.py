@@ -121,7 +121,7 @@ assert not dz_pad[:2].any()
 # Some models squash logits through z ← c·tanh(z/c) before the softmax, so no logit exceeds c.
 # The gradient picks up one chain-rule factor,
 #     d(c·tanh(z/c))/dz = 1 − tanh²(z/c) = 1 − (z_capped/c)²,
-# which is the line `g *= 1.0 - (z / softcap) ** 2` in the op's backward.
+# which is the factor `1.0 - (z / softcap) ** 2` in the op's backward.
 
 loss_cap, c_cap = cross_entropy.forward(z, y, softcap=2.0)
 dz_cap = cross_entropy.backward(1.0, c_cap)["logits"]

@@ -3,6 +3,10 @@
 Tolerances: float64 within 1e-12 relative (only the summation order differs), float32 within
 2e-5 relative to the output's scale."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -185,3 +189,34 @@ def test_matmul_split_over_threads(dtype, threads, monkeypatch):
     b = rng.standard_normal((30, 50)).astype(dtype)
     for x, y in ((a, b[:, :20]), (a[:10], b), (b.T, a.T), (a[:3, :4], b[:4, :5])):  # M ≥ N, M < N
         close(cpu.matmul(x, y), x @ y, dtype)
+
+
+KERNEL_CALLS = """
+import numpy as np
+from minparcae.kernels import cpu
+x = np.random.default_rng(0).standard_normal((2048, 512)).astype(np.float32)
+w = np.ones(512, np.float32)
+ref = cpu.rmsnorm_forward(x, w, 1e-5)[0]
+"""
+
+
+def test_the_two_builds_of_a_kernel_keep_separate_disk_caches(tmp_path):
+    """Numba's disk cache keys a function by its name and line. Were the serial build cached
+    under the parallel build's key, a process that found the parallel code there would run it from
+    two threads at once inside model.loss_and_grads, and Numba's workqueue would abort it."""
+    if cpu._blas_thread_control() is None:
+        pytest.skip("no controllable OpenBLAS: _parallel runs its jobs in order")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_NUM_THREADS="2")
+    parallel_first = KERNEL_CALLS  # the main thread compiles (and caches) the parallel build
+    then_threads = KERNEL_CALLS + """
+def job(lo, hi):
+    for _ in range(50):
+        assert np.array_equal(cpu.rmsnorm_forward(x, w, 1e-5)[0], ref)
+cpu._parallel(job, [(0, 1), (1, 2)])
+"""
+    for code in (parallel_first, then_threads):
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    names = {p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")}
+    assert {"cpu._rmsnorm_forward", "cpu._rmsnorm_forward_serial"} <= names, names

@@ -7,13 +7,15 @@ contracts are in kernels/__init__.py); tests/test_kernels_cpu.py holds them to i
 Why they are faster than the NumPy reference: NumPy evaluates `x * r * w` as separate passes over
 memory, each writing a temporary; a kernel makes one pass per row and keeps the row in cache. The
 rows are independent, so `prange` spreads them over the cores. fastmath is limited to reordering
-sums: results may differ from NumPy's only by summation order.
+sums and fusing multiply-adds: results may differ from NumPy's only in rounding.
 """
 
 import ctypes
 import functools
 import math
+import os
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numba
@@ -37,20 +39,27 @@ PARALLEL_MIN = 1 << 18
 # Every row-wise kernel is compiled twice: with prange spread over Numba's threads, and serially
 # without the GIL (prange then runs as range). The serial one serves small inputs, and every call
 # made while minparcae runs jobs on its own threads (see _parallel: the batch split of
-# model.loss_and_grads, the attention jobs), where each job has a core to itself; Numba's
-# workqueue pool would take only one caller at a time anyway.
+# model.loss_and_grads, the attention jobs), where each job has a core to itself. It must: Numba's
+# workqueue pool aborts the process when two threads launch parallel kernels at once.
 _serial = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+_state = {"jobs_running": False}  # set by _parallel while its jobs run
 
 
 def _kernel(fn):
-    return njit(**_jit)(fn), njit(**_serial)(fn)
+    """(parallel, serial) builds of fn. The serial one is compiled from a renamed copy of the
+    function: Numba's disk cache keys a function by its name and line, not by the compile
+    options, so two builds of one function would load each other's machine code."""
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                              fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    return njit(**_jit)(fn), njit(**_serial)(twin)
 
 
 def _run(kernel, work, *args):
-    """kernel(*args) on Numba's threads when `work` (elements touched) is large and this is the
-    main thread; the serial build otherwise."""
+    """kernel(*args) on Numba's threads when `work` (elements touched) is large, on the main
+    thread, outside minparcae's own jobs; the serial build otherwise."""
     parallel, serial = kernel
-    if work >= PARALLEL_MIN and numba.get_num_threads() > 1 and _threads() > 1 and \
+    if work >= PARALLEL_MIN and numba.get_num_threads() > 1 and not _state["jobs_running"] and \
             threading.current_thread() is threading.main_thread():
         return parallel(*args)
     return serial(*args)
@@ -286,6 +295,8 @@ def _adamw(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, st
 def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2):
     """optim.AdamW's update of p, m, v in place. The scalars are cast to the arrays' dtype, so a
     float32 parameter is updated in float32 arithmetic, as NumPy does it."""
+    if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+        raise ValueError("adamw_step updates p, m and v in place: they must be C-contiguous")
     f = p.dtype.type
     g = np.ascontiguousarray(g)
     _run(_adamw, p.size, p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
@@ -332,8 +343,9 @@ def _blas_thread_control():
 
 
 @functools.cache
-def _pool(n):
-    return ThreadPoolExecutor(n, thread_name_prefix="minparcae")
+def _pool():
+    """The worker threads of _parallel (it starts them as jobs need them, up to one per core)."""
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="minparcae")
 
 
 def _threads():
@@ -366,14 +378,16 @@ def _parallel(job, slices):
     get, put = control
     threads = get()
     put(1)
+    _state["jobs_running"] = True
     try:
-        rest = [_pool(len(slices) - 1).submit(job, *s) for s in slices[1:]]
+        rest = [_pool().submit(job, *s) for s in slices[1:]]
         try:
             first = job(*slices[0])
         finally:
             wait(rest)
         return [first] + [f.result() for f in rest]
     finally:
+        _state["jobs_running"] = False
         put(threads)
 
 
