@@ -14,14 +14,12 @@ validation loss at adaptive and at fixed depth (both through the cached decoder)
 """
 
 import argparse
-import json
 import os
-import sys
 import time
 
 import numpy as np
 
-from minparcae import backend, checkpoint, data, generate, model
+from minparcae import backend, checkpoint, cli, data, generate, model
 from minparcae.tokenizer import Tokenizer
 
 
@@ -30,27 +28,27 @@ def parse_args(argv=None):
     ap.add_argument("--ckpt", default="runs/default", help="run folder or .npz checkpoint")
     ap.add_argument("--prompt", default="def ")
     ap.add_argument("--loops", default=None, help="loop count, or a comma-separated list (default: μ_rec)")
-    ap.add_argument("--tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top-k", type=int, default=50)
-    ap.add_argument("--top-p", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokens", type=cli.nonneg_int, default=200)
+    ap.add_argument("--temperature", type=cli.nonneg_float, default=0.8, help="0: greedy")
+    ap.add_argument("--top-k", type=cli.nonneg_int, default=50, help="0: no top-k cut")
+    ap.add_argument("--top-p", type=cli.probability, default=None)
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
     ap.add_argument("--adaptive", default=None, choices=["state", "kl"],
                     help="stop looping a token when its state or its prediction stops changing")
-    ap.add_argument("--epsilon", type=float, default=1e-3, help="threshold of --adaptive")
+    ap.add_argument("--epsilon", type=cli.nonneg_float, default=1e-3, help="threshold of --adaptive")
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole window per token")
-    ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per loop count")
+    ap.add_argument("--eval-batches", type=cli.positive_int, default=8,
+                    help="validation batches per loop count")
     ap.add_argument("--device", default=None, choices=["cpu", "gpu", "auto"])
     args = ap.parse_args(argv)
     if args.loops is not None:
         try:
             args.loops = [int(n) for n in args.loops.split(",")]
         except ValueError:
-            ap.error(f"--loops takes a number or a comma-separated list of numbers, not {args.loops!r}")
+            ap.error(f"argument --loops: takes a number or a comma-separated list of numbers, not "
+                     f"{args.loops!r}")
         if min(args.loops) < 1:
-            ap.error("every loop count must be at least 1")
-    if args.tokens < 0 or args.temperature < 0 or args.epsilon < 0:
-        ap.error("--tokens, --temperature and --epsilon must not be negative")
+            ap.error("argument --loops: every loop count must be at least 1")
     if args.adaptive and args.no_cache:
         ap.error("--adaptive needs the cached generator: drop --no-cache")
     return args
@@ -60,23 +58,28 @@ def main(argv=None):
     args = parse_args(argv)
     backend.use_device(args.device)
     saved, _, meta = checkpoint.load(args.ckpt)
-    cfg = model.Config.from_dict(meta["config"])
+    try:
+        cfg = model.Config.from_dict(meta["config"])
+        tok = Tokenizer.from_dict(meta["tokenizer"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise checkpoint.CheckpointError(f"checkpoint {args.ckpt} holds no usable model config or "
+                                         f"tokenizer ({type(err).__name__}: {err}).") from None
     checkpoint.check_params(saved, model.param_shapes(cfg), args.ckpt)
     params = {k: backend.to_device(v) for k, v in saved.items()}
-    tok = Tokenizer.from_dict(meta["tokenizer"])
     loops = args.loops or [cfg.mean_recurrence]
     prompt = tok.encode(args.prompt) or [tok.eot_id]
 
-    val = _validation_tokens(meta)
+    val = _validation_tokens(meta, cfg.context)
     if val is not None:
         val = list(data.iter_eval_batches(val, 8, cfg.context, args.eval_batches))
     for n in loops:
         t0 = time.perf_counter()
         out, used = generate.generate(params, cfg, [prompt], args.tokens, n_loops=n,
-                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      temperature=args.temperature, top_k=args.top_k or None,
+                                      top_p=args.top_p,
                                       rng=np.random.default_rng(args.seed), stop_id=tok.eot_id,
                                       cache=not args.no_cache, adaptive=args.adaptive,
-                                      epsilon=args.epsilon, return_loops=True)
+                                      epsilon=args.epsilon, return_loops=True, progress=True)
         backend.synchronize()
         out, dt = out[0], time.perf_counter() - t0
         line = (f"--- loops {n}: {len(out)} tokens at {len(out) / max(dt, 1e-9):.1f} tokens/s "
@@ -94,20 +97,24 @@ def main(argv=None):
         print(tok.decode(prompt + out))
 
 
-def _validation_tokens(meta):
-    """The run's validation split, when its tokenised cache is still on this machine."""
+def _validation_tokens(meta, context):
+    """The run's validation split, when its tokenised cache is still on this machine, whole, and
+    at least one window long."""
     folder = meta.get("data", {}).get("folder")
-    path = os.path.join(folder or "", "val.bin")
-    if not folder or not os.path.exists(path):
+    if not folder or not os.path.isdir(folder):
         print("(validation data of this run is not on this machine: printing samples only)")
         return None
-    with open(os.path.join(folder, "meta.json")) as f:
-        dtype = np.dtype(json.load(f)["dtype"])
-    return np.memmap(path, dtype=dtype, mode="r")
+    try:
+        _, val, _ = data.open_tokens(folder)
+    except data.DataError as err:
+        print(f"(validation data of this run is unusable, {err} Printing samples only)")
+        return None
+    if len(val) < context + 1:
+        print(f"(the validation split holds {len(val)} tokens, less than one window of "
+              f"{context + 1}: printing samples only)")
+        return None
+    return val
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (checkpoint.CheckpointError, ValueError, RuntimeError) as err:
-        sys.exit(f"error: {err}")
+    cli.run(main)

@@ -9,59 +9,88 @@ Each step: sample a batch of windows and a loop depth per sequence, run the mode
 last μ_bwd loop steps keep activations), backward by hand, clip, update. On the CPU the batch is
 split over the cores, one group of sequences per thread (model.loss_and_grads). Validation loss at
 T = μ_rec every --eval-every steps and at the end, each time followed by a checkpoint
-(<out>/ckpt.npz). Per-step metrics go to <out>/log.jsonl. Ctrl-C saves a checkpoint and exits.
+(<out>/ckpt.npz). Per-step metrics go to <out>/log.jsonl.
+
+Nothing is lost (minparcae/files.py has the rules): one process at a time trains in an --out
+folder; a step's log record is written before its checkpoint; a checkpoint is written only when
+the weights are finite and the validation loss evaluated with it is finite. Ctrl-C or SIGTERM
+(what a job scheduler sends) lets the step in progress finish, saves it and names the resume
+command; a second one before the save begins stops at once, keeping the previous checkpoint, and
+signals during the save are ignored. --resume continues with the run's own settings: a flag that
+would change what a step computes is refused, --steps may grow (the schedule is recomputed), and
+--eval-every, --eval-batches, --sample-tokens, --device and --cache-dir may change.
 """
 
 import argparse
-import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 
 import numpy as np
 from tqdm import tqdm
 
-from minparcae import backend, checkpoint, data, generate, model, optim
+from minparcae import backend, checkpoint, cli, data, files, generate, model, optim
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run is stopped
+# what a step computes: fixed for the life of a run, so --resume refuses to change them
+RUN_SETTINGS = ("preset", "data", "vocab_size", "context", "batch_size", "lr", "optimizer",
+                "schedule", "warmup", "weight_decay", "clip", "injection", "mean_recurrence",
+                "backprop_depth", "dtype", "seed")
+# taken from the run too when --resume is not told otherwise, but free to change
+RESUME_DEFAULTS = ("steps", "eval_every", "eval_batches", "sample_tokens", "cache_dir")
+_UNSET = object()
 
 
 def parse_args(argv=None):
+    """The parsed flags, and the names of those given on the command line (which --resume must
+    weigh against the run's own settings)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=sorted(model.PRESETS))
     ap.add_argument("--data", default=None, help="text file, folder of .txt/.md/.py, or .jsonl "
                     "with a 'text' field (default: the Python standard library's source)")
-    ap.add_argument("--out", default="runs/default", help="run folder: checkpoint, log, tokenizer")
+    ap.add_argument("--out", default="runs/default", help="run folder: checkpoint and log")
     ap.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.npz")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--context", type=int, default=None, help="sequence length (default: the preset's)")
-    ap.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default: the preset's)")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=cli.positive_int, default=500)
+    ap.add_argument("--batch-size", type=cli.positive_int, default=16)
+    ap.add_argument("--context", type=cli.positive_int, default=None,
+                    help="sequence length (default: the preset's)")
+    ap.add_argument("--vocab-size", type=cli.positive_int, default=None,
+                    help="BPE vocabulary, at least 257 (default: the preset's)")
+    ap.add_argument("--lr", type=cli.positive_float, default=3e-3)
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
                     help="muon: Muon for block matrices, AdamW for the rest")
     ap.add_argument("--schedule", default="trapezoid", choices=["trapezoid", "cosine", "constant"])
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
+    ap.add_argument("--warmup", type=cli.nonneg_int, default=20)
+    ap.add_argument("--weight-decay", type=cli.nonneg_float, default=0.1)
+    ap.add_argument("--clip", type=cli.positive_float, default=1.0, help="global gradient-norm clip")
     ap.add_argument("--injection", default=None, choices=list(model.INJECTIONS),
                     help="diagonal (Parcae), linear, add, or none (fixed-depth transformer)")
-    ap.add_argument("--mean-recurrence", type=int, default=None, help="μ_rec (default: the preset's)")
-    ap.add_argument("--backprop-depth", type=int, default=None, help="μ_bwd (default: the preset's)")
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--sample-tokens", type=int, default=120, help="tokens sampled at the end (0: none)")
+    ap.add_argument("--mean-recurrence", type=cli.positive_int, default=None,
+                    help="μ_rec (default: the preset's)")
+    ap.add_argument("--backprop-depth", type=cli.positive_int, default=None,
+                    help="μ_bwd (default: the preset's)")
+    ap.add_argument("--eval-every", type=cli.positive_int, default=100)
+    ap.add_argument("--eval-batches", type=cli.positive_int, default=8)
+    ap.add_argument("--sample-tokens", type=cli.nonneg_int, default=120,
+                    help="tokens sampled at the end (0: none)")
     ap.add_argument("--device", default=None, choices=["cpu", "gpu", "auto"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
     ap.add_argument("--cache-dir", default=None, help="where tokenised corpora are kept")
     args = ap.parse_args(argv)
-    for name in ("steps", "batch_size", "eval_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
+    if args.vocab_size is not None and args.vocab_size < 257:
+        ap.error("argument --vocab-size: must hold the 256 byte tokens and the end-of-text token, "
+                 "so at least 257")
+    unset = argparse.Namespace(**dict.fromkeys(vars(args), _UNSET))
+    given = {k for k, v in vars(ap.parse_args(argv, unset)).items() if v is not _UNSET}
+    if args.data is not None:
+        args.data = os.path.abspath(args.data)  # the run is tied to the corpus, not to the cwd
+    return args, given
 
 
 def build_config(args, vocab_size):
@@ -80,8 +109,92 @@ def make_optimizer(args):
     return optim.Combined(adamw=adamw) if args.optimizer == "muon" else adamw
 
 
+def take_run_settings(args, given, meta, path):
+    """Continue the run as it was: every setting not given on the command line comes from the
+    checkpoint; a given one that changes what a step computes is refused; a new --steps is
+    accepted when it is not behind the run, with a note on how the schedule changes."""
+    stored, step = meta.get("args", {}), meta["step"]
+    base = model.PRESETS.get(stored.get("preset"), model.PRESETS[args.preset])
+
+    def effective(name, value):  # None means "the preset's", for the flags that default to it
+        return getattr(base, name) if value is None and hasattr(base, name) else value
+
+    for name in RUN_SETTINGS + RESUME_DEFAULTS:
+        if name not in stored:
+            continue
+        flag = "--" + name.replace("_", "-")
+        mine, theirs = effective(name, getattr(args, name)), effective(name, stored[name])
+        if name in given and name in RUN_SETTINGS and mine != theirs:
+            raise checkpoint.CheckpointError(
+                f"{flag} {mine} differs from this run's {theirs}: resume without {flag} (the run "
+                "keeps its own settings), or start a new run with another --out.")
+        if name not in given:
+            setattr(args, name, stored[name])
+    if args.steps < step:
+        raise checkpoint.CheckpointError(f"--steps {args.steps} is behind this run, which is at "
+                                         f"step {step} of {path}: ask for at least {step}.")
+    if "steps" in given and args.steps != stored.get("steps", args.steps):
+        before = optim.lr_at(step, stored["steps"], args.lr, args.warmup, args.schedule)
+        after = optim.lr_at(step, args.steps, args.lr, args.warmup, args.schedule)
+        print(f"note: the run now ends at step {args.steps}, not {stored['steps']}; the "
+              f"{args.schedule} schedule is recomputed for it, so the learning rate at step {step} "
+              f"is {after:.3g} (it would have been {before:.3g}).")
+
+
+class StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM during training, turned into a flag the loop reads between
+    steps, so a checkpoint never holds a half-done update. The first signal asks the loop to stop
+    after the step in progress and save it; a second one, before the save begins, stops at once
+    (KeyboardInterrupt) and keeps the previous checkpoint; while `saving` is set, no signal
+    interrupts, so a save cannot be cut (a first one still asks to stop after the save). Signal handlers exist in the main thread only; elsewhere
+    this does nothing and Ctrl-C keeps Python's meaning."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested, self.saving, self._previous = None, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.saving:  # never cut a save; a first signal still asks to stop after it
+            self.requested = self.requested or signal.Signals(signum).name
+            return
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        tqdm.write(f"{self.requested}: stopping after this step to save it (send it again to stop "
+                   "at once without saving).")
+
+
+def all_finite(arrays):
+    return all(bool(backend.array_module(a).isfinite(a).all()) for a in arrays)
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args(argv)
+    # a diverging run overflows, in this thread and in the batch's worker threads; the non-finite
+    # guard of the training loop reports that in one sentence, so NumPy's warnings would only repeat it
+    with warnings.catch_warnings(), files.RunFolder(args.out) as run:
+        warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                                RuntimeWarning)
+        return train(args, given, run)
+
+
+def train(args, given, run):
+    ckpt_path = run.checkpoint
+    if args.resume:
+        saved, opt_state, meta = checkpoint.load(ckpt_path)
+        take_run_settings(args, given, meta, ckpt_path)
+    elif ckpt_path.exists():
+        sys.exit(f"{args.out} already holds a run: pass --resume to continue it, or choose a new --out.")
     device = backend.use_device(args.device)
     dtype = np.float64 if args.dtype == "float64" else np.float32
     base = model.PRESETS[args.preset]
@@ -89,29 +202,27 @@ def main(argv=None):
                                 cache_dir=args.cache_dir)
     tok = dataset.tokenizer
     cfg = build_config(args, tok.vocab_size)
+    data.check_context(dataset, cfg.context)
     unigram = data.unigram_entropy(dataset.train, tok.vocab_size, dataset.val)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.npz")
-    log_path = os.path.join(args.out, "log.jsonl")
 
     params = model.init_params(cfg, seed=args.seed, dtype=dtype)
     opt = make_optimizer(args)
     rng = np.random.default_rng(args.seed)
     step, skipped = 0, 0
     if args.resume:
-        saved, opt_state, meta = checkpoint.load(ckpt_path)
         checkpoint.check_config(meta, cfg.to_dict(), ckpt_path)
         checkpoint.check_params(saved, model.param_shapes(cfg), ckpt_path)
         if meta["tokenizer_fingerprint"] != tok.fingerprint:
             raise checkpoint.CheckpointError(f"checkpoint {ckpt_path} was trained with another "
                                              "tokenizer: resume with the same --data and --vocab-size.")
         params = {k: backend.to_device(saved[k], dtype=dtype) for k in params}
-        opt.load_state_dict(opt_state)
+        try:
+            opt.load_state_dict(opt_state)
+        except KeyError as err:
+            raise checkpoint.CheckpointError(f"checkpoint {ckpt_path} holds no {args.optimizer} "
+                                             f"optimiser state ({err} is missing).") from None
         rng.bit_generator.state = meta["rng"]
         step, skipped = meta["step"], meta["skipped"]
-        _truncate_log(log_path, step)
-    elif os.path.exists(ckpt_path):
-        sys.exit(f"{args.out} already holds a run: pass --resume to continue it, or choose a new --out.")
 
     n_params = model.count_params(cfg)
     tokens_per_step = args.batch_size * cfg.context
@@ -124,65 +235,101 @@ def main(argv=None):
         batches = data.iter_eval_batches(dataset.val, args.batch_size, cfg.context, args.eval_batches)
         return model.evaluate(params, cfg, batches)
 
-    def save(val_loss=None):
+    saved_step = step if args.resume else None
+
+    def last_good():
+        if saved_step is None:
+            return "none (no checkpoint was written)"
+        return f"{ckpt_path} (step {saved_step})"
+
+    def save(val_loss):
+        """Write the checkpoint of this step, signals held off; returns whether it did: not when
+        the weights or the optimiser state are non-finite, so the last checkpoint stays a good one."""
+        nonlocal saved_step
+        if not all_finite(list(params.values()) + [a for a in opt.state_dict().values()
+                                                    if hasattr(a, "shape")]):
+            return False
         meta = {"config": cfg.to_dict(), "step": step, "rng": rng_state,
                 "tokenizer": tok.to_dict(), "tokenizer_fingerprint": tok.fingerprint,
                 "args": vars(args), "val_loss": val_loss,
                 "data": {"source": dataset.meta["source"], "folder": str(dataset.folder)},
                 "unigram": unigram, "skipped": skipped}
-        checkpoint.save(ckpt_path, params, opt.state_dict(), meta)
-        return step
+        stop.saving = True
+        try:
+            log.sync()
+            checkpoint.save(ckpt_path, params, opt.state_dict(), meta)
+        finally:
+            stop.saving = False
+        saved_step = step
+        return True
+
+    def advice():
+        unstable = cfg.injection in ("linear", "add")
+        return f"lower --lr (it is {args.lr:g})" + (", or use the diagonal injection" if unstable else "")
 
     val_loss, bad_in_a_row = None, 0
-    saved_step = step if args.resume else None
     rng_state = rng.bit_generator.state  # as of the last completed step: what a checkpoint resumes
+    log = files.RunLog(run.log, resume_step=step if args.resume else None)
+    stop = StopRequests()
     bar = tqdm(total=args.steps, initial=step, desc="training", dynamic_ncols=True, disable=None)
     try:
-        with open(log_path, "a") as log:
-            while step < args.steps:
+        with stop:
+            while step < args.steps and not stop.requested:
                 t0 = time.perf_counter()
                 lr = optim.lr_at(step, args.steps, args.lr, args.warmup, args.schedule)
                 x, y = data.get_batch(dataset.train, args.batch_size, cfg.context, rng)
                 depths = model.sample_depths(rng, args.batch_size, cfg)
                 loss, grads, diag = model.loss_and_grads(params, cfg, x, y, depths=depths, rng=rng)
                 grad_norm = optim.clip_grad_norm(grads, args.clip)
+                rng_state = rng.bit_generator.state
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     skipped += 1
                     bad_in_a_row += 1
-                    rng_state = rng.bit_generator.state
                     if bad_in_a_row >= MAX_BAD_STEPS:
-                        bar.close()
-                        last = f"{ckpt_path} (step {saved_step})" if saved_step is not None else "none yet"
-                        sys.exit(f"training stopped: {bad_in_a_row} non-finite steps in a row at step "
-                                 f"{step}; the last good checkpoint is {last}. Lower --lr or use the "
-                                 "diagonal injection.")
+                        sys.exit(f"training stopped: {bad_in_a_row} non-finite steps in a row at "
+                                 f"step {step}; the last good checkpoint is {last_good()}. "
+                                 f"To go on, {advice()}.")
                     continue
                 bad_in_a_row = 0
                 opt.step(params, grads, lr)
                 backend.synchronize()
                 step += 1
-                rng_state = rng.bit_generator.state
                 dt = time.perf_counter() - t0
                 rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "rho": diag["rho"], "state_norm": diag["state_norm"],
                        "residual": diag["residual"], "loop_steps": diag["steps"],
                        "tokens_per_s": tokens_per_step / dt, "skipped": skipped}
-                if step % args.eval_every == 0 or step == args.steps:
+                evaluated = step % args.eval_every == 0 or step == args.steps
+                if evaluated:
                     val_loss = evaluate()
                     rec["val_loss"] = val_loss
-                    saved_step = save(val_loss)
+                log.write(rec)
+                if evaluated:
+                    if not (math.isfinite(val_loss) and save(val_loss)):
+                        what = (f"the validation loss is {val_loss}" if not math.isfinite(val_loss)
+                                else "the weights are not finite")
+                        sys.exit(f"training stopped at step {step}: {what}, so no checkpoint was "
+                                 f"written; the last good checkpoint is {last_good()}. "
+                                 f"To go on, {advice()}.")
                     bar.write(f"step {step}: val_loss {val_loss:.4f}")
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
                                 rho=f"{diag['rho']:.3f}")
                 bar.update(1)
+            if stop.requested:
+                if saved_step != step and not save(val_loss):
+                    sys.exit(f"{stop.requested} at step {step}: the weights are not finite, so no "
+                             f"checkpoint was written; the last good checkpoint is {last_good()}.")
+                sys.exit(f"{stop.requested} at step {step}: checkpoint saved to {ckpt_path}; "
+                         f"continue with: python train.py --out {args.out} --resume")
     except KeyboardInterrupt:
+        sys.exit(f"stopped at step {step} without saving it; the last good checkpoint is "
+                 f"{last_good()}.")
+    except (checkpoint.CheckpointError, files.RunFolderError) as err:
+        sys.exit(f"training stopped at step {step}: {err} The last good checkpoint is "
+                 f"{last_good()}; continue it with --resume once the problem is fixed.")
+    finally:
         bar.close()
-        save(val_loss)
-        sys.exit(f"interrupted at step {step}; checkpoint saved to {ckpt_path} "
-                 f"(continue with --out {args.out} --resume).")
-    bar.close()
+        log.close()
     if val_loss is None:  # resumed a run that had already finished
         val_loss = evaluate()
     if args.sample_tokens:
@@ -195,18 +342,5 @@ def main(argv=None):
     return val_loss
 
 
-def _truncate_log(path, step):
-    """Drop log lines written after the checkpoint we resume from (a crash can leave some)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except (checkpoint.CheckpointError, data.DataError, ValueError, RuntimeError) as err:
-        sys.exit(f"error: {err}")
+    cli.run(main)

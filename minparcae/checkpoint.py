@@ -4,9 +4,10 @@
     opt/<key>      the optimiser's state (moments, step count)
     meta           JSON: config, step, RNG state, tokenizer, training arguments, metrics
 
-The file is written to a temporary name in the same folder and then renamed over the old one
-(`os.replace` is atomic), so a crash while saving leaves the previous checkpoint intact.
-Every way loading can fail that a user can cause ends in a `CheckpointError` with one sentence.
+The file is written to a temporary name private to the writing process, in the same folder, and
+then renamed over the old one (`files.atomic_write`), so a kill, a crash or a full disk while saving
+leaves the previous checkpoint intact and no temporary file behind. Every way saving or loading can
+fail that a user can cause ends in a `CheckpointError` with one sentence.
 """
 
 import json
@@ -16,6 +17,7 @@ import zipfile
 import numpy as np
 
 from .backend import to_host
+from .files import atomic_write, describe_os_error
 
 FORMAT = "minparcae-checkpoint-1"
 
@@ -30,14 +32,19 @@ def save(path, params, opt_state, meta):
     for k, v in opt_state.items():
         arrays[f"opt/{k}"] = to_host(v) if hasattr(v, "shape") else np.asarray(v)
     arrays["meta"] = np.frombuffer(json.dumps({"format": FORMAT, **meta}).encode(), dtype=np.uint8)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(path, write)
+    except OSError as err:
+        raise CheckpointError(describe_os_error(err, "cannot write the checkpoint", path) + "; the "
+                              "previous checkpoint, if any, is untouched.") from None
 
 
 def load(path):
@@ -51,6 +58,8 @@ def load(path):
         with np.load(path, allow_pickle=False) as z:
             files = {k: z[k] for k in z.files}
         meta = json.loads(files.pop("meta").tobytes().decode())
+    except (PermissionError, IsADirectoryError) as err:
+        raise CheckpointError(describe_os_error(err, "cannot read the checkpoint", path) + ".") from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} is damaged or truncated ({type(err).__name__}); "
                               "use an earlier copy or train again.") from None

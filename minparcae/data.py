@@ -14,15 +14,23 @@ the split never changes between runs and no file leaks into both; a lone documen
 its tail going to validation. In each split every document is preceded by the end-of-text token,
 so the model learns where documents start and a prompt of just that token asks for a fresh one.
 
+Text is read as UTF-8. A file holding a NUL byte is not text (an executable, an image, UTF-16) and
+is refused; bytes that are not UTF-8 (a Latin-1 file's é) become U+FFFD, and how many, in how many
+files, is reported with the first such file, so that a wrongly encoded corpus does not pass unseen.
+
 `prepare_data` tokenises once into `train.bin`/`val.bin` (uint16, or uint32 past 65,536 ids) next
 to `meta.json` and `tokenizer.json`, in a cache folder keyed by a fingerprint of the source files
 and the tokenizer, and later runs with the same fingerprint reuse it. Training then reads windows
-through `numpy.memmap`, so the corpus never has to fit in memory.
+through `numpy.memmap`, so the corpus never has to fit in memory. Every file is written atomically
+and meta.json last; a cache folder whose files do not match its meta.json (a disk that filled up,
+a file deleted by hand) is rebuilt, not trusted.
 """
 
+import errno
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minparcae import backend
+from minparcae.files import atomic_write, describe_os_error
 from minparcae.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 CACHE_ENV = "MINPARCAE_CACHE"
@@ -92,16 +101,41 @@ def find_source(path=None):
     return Source("jsonl" if root.suffix.lower() == ".jsonl" else "file", root, (root,))
 
 
-def _read_text(path):
-    return path.read_text(encoding="utf-8", errors="replace")
+def _read_text(path, undecodable):
+    """The text of a file as UTF-8; undecodable bytes become U+FFFD and are counted into
+    `undecodable` (path -> replacements). A NUL byte means the file is not text at all."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(describe_os_error(err, "cannot read") + ": fix it or remove it from the "
+                        "data.") from None
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{path} is not text (a NUL byte at offset {nul}): pass UTF-8 text files "
+                        "(a UTF-16 file must be converted to UTF-8 first).")
+    text = raw.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if replaced:
+        undecodable[path] = replaced
+    return text
+
+
+def _report_undecodable(undecodable):
+    if undecodable:
+        first = next(iter(undecodable))
+        print(f"note: {len(undecodable)} file(s) are not valid UTF-8 ({sum(undecodable.values())} "
+              f"undecodable byte sequences read as U+FFFD), the first being {first}; convert them "
+              "to UTF-8 (e.g. iconv -f latin1 -t utf-8) if that is not what you want.",
+              file=sys.stderr)
 
 
 def read_documents(source):
     """The documents of `source` as (key, text) pairs; the key decides the train/val split. Files
     are keyed by relative path; JSONL documents by their text, so duplicates fall on one side."""
+    undecodable = {}
     if source.kind == "jsonl":
         docs = []
-        for n, line in enumerate(_read_text(source.root).splitlines(), start=1):
+        for n, line in enumerate(_read_text(source.root, undecodable).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -114,9 +148,11 @@ def read_documents(source):
                                 "line a JSON object such as {\"text\": \"...\"}.")
             docs.append((record["text"], record["text"]))
     elif source.kind == "file":
-        docs = [(source.root.name, _read_text(source.root))]
+        docs = [(source.root.name, _read_text(source.root, undecodable))]
     else:
-        docs = [(p.relative_to(source.root).as_posix(), _read_text(p)) for p in source.files]
+        docs = [(p.relative_to(source.root).as_posix(), _read_text(p, undecodable))
+                for p in source.files]
+    _report_undecodable(undecodable)
     if not any(text for _, text in docs):
         raise DataError(f"{source.description} contains no text: point the data path at a "
                         "non-empty corpus.")
@@ -187,21 +223,16 @@ def _fingerprint(source, val_fraction, tokenizer_key):
     edited file invalidates the cache without reading any file), the split and the tokenizer."""
     files = []
     for p in source.files:
-        st = p.stat()
+        try:
+            st = p.stat()
+        except OSError as err:  # e.g. a symbolic link whose target is gone
+            raise DataError(describe_os_error(err, "cannot read", p) + ": fix it or remove it from "
+                            "the data.") from None
         files.append([p.relative_to(source.root).as_posix(), st.st_size, st.st_mtime_ns])
     blob = json.dumps({"version": _CACHE_VERSION, "kind": source.kind, "root": str(source.root),
                        "files": files, "val_fraction": val_fraction, "tokenizer": tokenizer_key},
                       sort_keys=True).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _replace_into(path, write):
-    """Write a file atomically: `write(tmp_path)` then rename over `path`, so a crash or a second
-    process never leaves a half-written file under the final name. Returns what `write` returns."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    result = write(tmp)
-    os.replace(tmp, path)
-    return result
 
 
 def _write_tokens(tmp, docs, tokenizer, dtype, progress):
@@ -211,7 +242,7 @@ def _write_tokens(tmp, docs, tokenizer, dtype, progress):
     with open(tmp, "wb") as f:
         for batch in _batches_by_size(docs, 1_000_000):
             for ids in tokenizer.encode_batch(batch):
-                np.array([tokenizer.eot_id] + ids, dtype=dtype).tofile(f)
+                f.write(np.array([tokenizer.eot_id] + ids, dtype=dtype).tobytes())
                 n_tokens += len(ids) + 1
             progress.update(sum(map(len, batch)))
     return n_tokens
@@ -230,10 +261,28 @@ def _batches_by_size(docs, max_chars):
         yield batch
 
 
-def _open_tokens(folder, meta):
-    dtype = np.dtype(meta["dtype"])
-    return (np.memmap(folder / "train.bin", dtype=dtype, mode="r"),
-            np.memmap(folder / "val.bin", dtype=dtype, mode="r"))
+def open_tokens(folder):
+    """(train, val, meta) of a prepared cache folder: the two splits as memmaps and meta.json's
+    contents. Raises DataError naming what is wrong when meta.json is missing or damaged, or a
+    token file is missing or does not hold the number of tokens that meta.json records."""
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype = np.dtype(meta["dtype"])
+        counts = {name: int(meta[f"{name}_tokens"]) for name in ("train", "val")}
+        sizes = {name: (folder / f"{name}.bin").stat().st_size for name in counts}
+    except OSError as err:
+        raise DataError(describe_os_error(err, "cannot read the token cache") + ".") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{meta_path} is damaged ({type(err).__name__}).") from None
+    for name, n in counts.items():
+        if sizes[name] != n * dtype.itemsize:
+            raise DataError(f"{folder / name}.bin holds {sizes[name]} bytes, not the {n} tokens "
+                            "of its meta.json.")
+    train, val = (np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r") if n else
+                  np.zeros(0, dtype) for name, n in counts.items())  # mmap refuses empty files
+    return train, val, meta
 
 
 def prepare_data(source=None, tokenizer=None, vocab_size=4096, cache_dir=None,
@@ -254,11 +303,25 @@ def prepare_data(source=None, tokenizer=None, vocab_size=4096, cache_dir=None,
     fingerprint = _fingerprint(src, val_fraction, tokenizer_key)
     folder = Path(cache_dir or default_cache_dir()) / f"{src.kind}-{fingerprint}"
     meta_path = folder / "meta.json"
-    if meta_path.exists():  # meta.json is written last: its presence means the folder is complete
-        meta = json.loads(meta_path.read_text())
-        train, val = _open_tokens(folder, meta)
-        return Dataset(train, val, Tokenizer.load(folder / "tokenizer.json"), folder, meta, True)
+    if meta_path.exists():  # meta.json is written last: its presence means the folder was finished
+        try:
+            train, val, meta = open_tokens(folder)
+            return Dataset(train, val, Tokenizer.load(folder / "tokenizer.json"), folder, meta, True)
+        except (DataError, OSError, ValueError, KeyError) as err:
+            print(f"note: the token cache {folder} is damaged ({err}); rebuilding it.",
+                  file=sys.stderr)
+            meta_path.unlink(missing_ok=True)
+    try:
+        return _build_cache(src, folder, fingerprint, tokenizer, vocab_size, val_fraction,
+                            tokenizer_sample_bytes)
+    except OSError as err:
+        hint = "free some space or pass" if err.errno == errno.ENOSPC else "pass"
+        raise DataError(describe_os_error(err, "cannot write the token cache", err.filename or folder)
+                        + f": {hint} another --cache-dir.") from None
 
+
+def _build_cache(src, folder, fingerprint, tokenizer, vocab_size, val_fraction,
+                 tokenizer_sample_bytes):
     folder.mkdir(parents=True, exist_ok=True)
     train_docs, val_docs = split_documents(read_documents(src), val_fraction)
     if tokenizer is None:
@@ -266,19 +329,28 @@ def prepare_data(source=None, tokenizer=None, vocab_size=4096, cache_dir=None,
     dtype = token_dtype(tokenizer.vocab_size)
     total = sum(len(text) for _, text in train_docs + val_docs)
     with tqdm(total=total, unit="char", unit_scale=True, desc="tokenising", disable=None) as bar:
-        n_train = _replace_into(folder / "train.bin",
-                                lambda tmp: _write_tokens(tmp, train_docs, tokenizer, dtype, bar))
-        n_val = _replace_into(folder / "val.bin",
-                              lambda tmp: _write_tokens(tmp, val_docs, tokenizer, dtype, bar))
-    _replace_into(folder / "tokenizer.json", tokenizer.save)
+        n_train = atomic_write(folder / "train.bin",
+                               lambda tmp: _write_tokens(tmp, train_docs, tokenizer, dtype, bar))
+        n_val = atomic_write(folder / "val.bin",
+                             lambda tmp: _write_tokens(tmp, val_docs, tokenizer, dtype, bar))
+    atomic_write(folder / "tokenizer.json", tokenizer.save)
     meta = {"fingerprint": fingerprint, "source": src.description, "dtype": np.dtype(dtype).name,
             "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name,
             "tokenizer_fingerprint": tokenizer.fingerprint, "val_fraction": val_fraction,
             "train_documents": len(train_docs), "val_documents": len(val_docs),
             "train_tokens": n_train, "val_tokens": n_val}
-    _replace_into(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
-    train, val = _open_tokens(folder, meta)
+    atomic_write(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    train, val, meta = open_tokens(folder)
     return Dataset(train, val, tokenizer, folder, meta, False)
+
+
+def check_context(dataset, context):
+    """Stop before training if either split is shorter than one window of context + 1 tokens."""
+    for name, tokens in (("training", dataset.train), ("validation", dataset.val)):
+        if len(tokens) < context + 1:
+            raise DataError(f"the {name} split of {dataset.meta['source']} holds {len(tokens)} "
+                            f"tokens, fewer than one window of context + 1 = {context + 1}: use "
+                            "more text or a smaller --context.")
 
 
 def _check_window(tokens, context):

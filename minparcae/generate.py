@@ -44,6 +44,7 @@ import argparse
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from . import backend, model
 from .backend import array_module, to_host
@@ -287,13 +288,14 @@ def _put(a, idx, rows):
 
 
 def generate(params, cfg, prompt, n_tokens, n_loops=None, temperature=1.0, top_k=None, top_p=None,
-             rng=None, stop_id=None, cache=True, adaptive=None, epsilon=1e-3, return_loops=False):
+             rng=None, stop_id=None, cache=True, adaptive=None, epsilon=1e-3, return_loops=False,
+             progress=False):
     """Continue each row of `prompt` (B, T0 ints) by up to n_tokens tokens, running the loop
     n_loops times (default μ_rec), or per token until the `adaptive` rule ("state" or "kl") holds
     with threshold epsilon, from the per-position initial states. cache=False is the reference: the
     whole window recomputed for every token, at fixed depth. Returns a list of B lists of new ids
     (each ends at stop_id, which is not included), and with return_loops also the loop count of
-    each of those tokens (B lists)."""
+    each of those tokens (B lists). progress=True shows a bar on a terminal."""
     xp = array_module(params["wte"])
     rng = rng or np.random.default_rng(0)
     ids = np.array(prompt, dtype=np.int64)
@@ -311,7 +313,8 @@ def generate(params, cfg, prompt, n_tokens, n_loops=None, temperature=1.0, top_k
     depth = (n_loops or cfg.mean_recurrence) if cfg.looped else 1
     out, loops = [[] for _ in range(B)], [[] for _ in range(B)]
     done = np.zeros(B, dtype=bool)
-    for _ in range(n_tokens):
+    for _ in tqdm(range(n_tokens), desc="generating", unit="tok", leave=False,
+                  disable=None if progress else True):
         window = ids[:, -cfg.context:]
         if not cache:
             h0_window = xp.broadcast_to(h0[:window.shape[1]], window.shape + (cfg.d_h,))

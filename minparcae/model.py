@@ -34,7 +34,7 @@ Parameters are one flat dict name -> array; matrices are stored (in, out) so a l
 """
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -107,6 +107,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model config fields: {', '.join(unknown)}.")
         return cls(**d)
 
 

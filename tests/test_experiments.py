@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from minparcae import cli
 from minparcae.experiments import common, fixed_depth, isoflop, law, looping, stability
 
 # ----------------------------------------------------------------------------- the law fit
@@ -162,5 +163,5 @@ def test_a_missing_corpus_is_one_sentence(tmp_path):
     def main():
         looping.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exc:
-        common.run(main)
+        cli.run(main)
     assert str(exc.value).startswith("error: data path") and "does not exist" in str(exc.value)

@@ -1,10 +1,9 @@
 """train.py and sample.py end to end on a tiny corpus: learning, exact resume, Ctrl-C, the
 numerical guard, and the one-sentence errors a user can cause."""
 
-import json
+import os
 import shutil
-import sysconfig
-from pathlib import Path
+import signal
 
 import numpy as np
 import pytest
@@ -12,27 +11,15 @@ import pytest
 import sample
 import train
 from minparcae import checkpoint, model
+from runhelp import make_corpus, read_log, train_args
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """~100 KB of real Python source, and a cache folder shared by the tests of this file."""
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    text = "\n".join((stdlib / name).read_text() for name in ("json/decoder.py", "json/encoder.py",
-                                                              "textwrap.py", "shlex.py", "fnmatch.py"))
-    (root / "code.txt").write_text(text)
-    return {"data": str(root / "code.txt"), "cache": str(root / "cache")}
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def args(corpus, out, *extra):
-    return ["--data", corpus["data"], "--cache-dir", corpus["cache"], "--out", str(out),
-            "--vocab-size", "300", "--context", "32", "--batch-size", "8", "--eval-every", "10",
-            "--eval-batches", "2", "--sample-tokens", "0", "--device", "cpu", *extra]
-
-
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+args = train_args
 
 
 def test_training_lowers_the_loss(corpus, tmp_path):
@@ -76,16 +63,38 @@ def test_resume_after_a_crash_reproduces_the_run(corpus, tmp_path, monkeypatch):
     assert comparable(read_log(crashed)) == comparable(read_log(full))  # to the last digit
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(corpus, tmp_path, monkeypatch):
+def signal_at(monkeypatch, n_calls, signum=signal.SIGINT, times=1):
+    """Deliver `signum` to this process `times` times during the n-th training step, as Ctrl-C
+    (SIGINT) or a job scheduler (SIGTERM) would."""
+    real, calls = model.loss_and_grads, {"n": 0}
+
+    def loss_and_grads(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n_calls:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train.model, "loss_and_grads", loss_and_grads)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_saves_it_and_resume_continues(corpus, tmp_path, monkeypatch,
+                                                                   signum):
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     final = train.main(args(corpus, full, "--steps", "14", "--optimizer", "muon"))
-    crash_at(monkeypatch, 7, KeyboardInterrupt())
-    with pytest.raises(SystemExit, match="interrupted at step 6; checkpoint saved"):
+    signal_at(monkeypatch, 7, signum)
+    name = signal.Signals(signum).name
+    with pytest.raises(SystemExit, match=f"{name} at step 7: checkpoint saved to "
+                       f"{stopped / 'ckpt.npz'}; continue with: python train.py --out {stopped} "
+                       "--resume"):
         train.main(args(corpus, stopped, "--steps", "14", "--optimizer", "muon"))
-    assert checkpoint.load(stopped)[2]["step"] == 6
+    assert checkpoint.load(stopped)[2]["step"] == 7  # the step in progress finished, whole
+    assert [r["step"] for r in read_log(stopped)] == list(range(1, 8))
     monkeypatch.undo()
-    assert train.main(args(corpus, stopped, "--steps", "14", "--optimizer", "muon", "--resume")) == final
+    assert train.main(args(corpus, stopped, "--steps", "14", "--resume")) == final
     assert comparable(read_log(stopped)) == comparable(read_log(full))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
@@ -113,7 +122,7 @@ def test_checkpoint_errors_are_one_sentence(corpus, tmp_path):
     with pytest.raises(SystemExit, match="already holds a run: pass --resume"):
         train.main(args(corpus, tmp_path, "--steps", "10"))
     with pytest.raises(checkpoint.CheckpointError,
-                       match=r"made for a different model \(injection 'diagonal' vs 'linear'"):
+                       match="--injection linear differs from this run's diagonal: resume without"):
         train.main(args(corpus, tmp_path, "--steps", "20", "--resume", "--injection", "linear"))
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -34,15 +34,6 @@ from .. import backend, data, model, optim
 SPIKE = 1.0  # nats above the best smoothed loss: a spike, and at the end of a run, a divergence
 
 
-def run(main):
-    """Run an experiment's main() from the command line: a bad corpus or setting ends in one
-    sentence, not a traceback."""
-    try:
-        main()
-    except (data.DataError, ValueError, RuntimeError) as err:
-        sys.exit(f"error: {err}")
-
-
 def parser(description, name, steps, seeds="0,1"):
     """An argument parser with the flags every experiment has."""
     ap = argparse.ArgumentParser(description=description,

@@ -28,7 +28,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .. import model
+from .. import cli, model
 from . import common
 
 
@@ -131,4 +131,4 @@ def plot(records, out):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli.run(main)

@@ -19,7 +19,7 @@ import math
 import time
 from collections import defaultdict
 
-from .. import model
+from .. import cli, model
 from . import common
 
 REFERENCE_MU = 4  # the unit budget: this μ_rec trained for --steps steps
@@ -121,4 +121,4 @@ def plot(rows, out):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli.run(main)

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from .. import cli
 from . import common, law
 
 
@@ -110,4 +111,4 @@ def plot(records, fits, out):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli.run(main)

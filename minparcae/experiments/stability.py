@@ -23,6 +23,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from .. import cli
 from . import common
 
 INJECTIONS = ("diagonal", "linear", "add")
@@ -190,4 +191,4 @@ def plot(records, out, baseline=None):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli.run(main)
