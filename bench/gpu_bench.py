@@ -110,7 +110,7 @@ def kernel_rows(cfg, B, T, repeat):
         ("injection backward", (N, d), lambda: (g * A_bar, (g * x).reshape(-1, d).sum(axis=0)),
          lambda: K.injection_backward(g, x, A_bar)),
         ("AdamW step", tuple(fc["p"].shape),
-         lambda: opt.step({"core.0.mlp.fc": fc["p"]}, {"core.0.mlp.fc": fc["g"]}, 1e-3),
+         reference(lambda: opt.step({"core.0.mlp.fc": fc["p"]}, {"core.0.mlp.fc": fc["g"]}, 1e-3)),
          lambda: K.adamw_step(fc["p"], fc["g"], fc["m"], fc["v"], 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.1, 0.05)),
     ]
     rows = []
