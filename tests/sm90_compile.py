@@ -115,8 +115,9 @@ def main():
     kernels = {v for v in vars(K).values() if isinstance(v, CUDADispatcher) and not v.targetoptions.get("device")}
     for kernel in kernels - {kernel for kernel, _ in jobs}:
         print("NOT LAUNCHED", kernel.py_func.__name__)
-    # The compilations are independent and take about a second each: one process per core
-    with multiprocessing.get_context("fork").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+    # The compilations are independent and take about a second each: a process per core but one,
+    # which is left to the tests that run meanwhile (tests/conftest.py starts this early)
+    with multiprocessing.get_context("fork").Pool(max(1, (os.cpu_count() or 1) - 1)) as pool:
         for line in pool.imap(compile_and_assemble, jobs):
             print(line, flush=True)
 

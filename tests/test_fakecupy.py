@@ -6,6 +6,8 @@ arrays): the kernels are checked on the simulator (test_kernels_cuda.py, test_cu
 GPU (test_gpu.py). What this file checks is the code around them. Each run on the stand-in is also
 compared with the same run on NumPy: the stand-in computes with NumPy inside, so the numbers agree
 to float32 rounding (1e-5 relative), and a mix-up shows as an exception, not as a wrong number.
+Last, tests/test_gpu.py's own injection and AdamW checks run here with stand-in kernels, to show
+that they fail when a kernel is wrong.
 """
 
 import numpy as np
@@ -128,3 +130,56 @@ def test_cached_generation(cp, adaptive):
     (out, (val, loops)), (out_np, (val_np, loops_np)) = run("gpu"), run("cpu")
     assert out == out_np and loops == loops_np
     assert type(val) is float and abs(val - val_np) <= TOL * val_np
+
+
+# ----------------------------------------------------------------------------- tests/test_gpu.py on it
+
+def right_or_wrong_kernels(wrong):
+    """Device-array versions of the injection and AdamW kernels, right or off by a little (NumPy code
+    on the stand-in, no launch), as the CUDA module's functions."""
+    off = 1.001 if wrong else 1.0
+
+    def injection_forward(h, u, A_bar):
+        return A_bar * h + u * off
+
+    def injection_backward(dx, h, A_bar):
+        return dx * A_bar, (dx * h).reshape(-1, dx.shape[-1]).sum(axis=0) * off
+
+    def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2):
+        p *= 1 - lr * weight_decay
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * g * g
+        p -= (lr / bc1) * off * m / ((v / bc2) ** 0.5 + eps)
+
+    return {"injection_forward": injection_forward, "injection_backward": injection_backward,
+            "adamw_step": adamw_step}
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["right kernels", "wrong kernels"])
+def test_gpu_tests_catch_a_wrong_kernel(cp, monkeypatch, wrong):
+    """tests/test_gpu.py's injection and AdamW tests, run on the stand-in with these kernels in place
+    of the CUDA ones both in the registry and in the kernel module: they pass with right kernels and
+    fail with wrong ones, so they compare the kernels with the reference, not with themselves."""
+    import importlib.util
+    import os
+
+    from minparcae.kernels import cuda as K
+
+    replacements = right_or_wrong_kernels(wrong)
+    for name, func in replacements.items():
+        monkeypatch.setattr(K, name, func)
+    f32 = {np.dtype(np.float32)}
+    monkeypatch.setattr(kernels, "_load", lambda device: {n: (f, f32) for n, f in replacements.items()})
+    monkeypatch.setitem(kernels._state, "enabled", True)
+    path = os.path.join(os.path.dirname(__file__), "test_gpu.py")
+    spec = importlib.util.spec_from_file_location("test_gpu_on_the_stand_in", path)
+    gpu_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_tests)
+    for test in (gpu_tests.test_diagonal_injection, gpu_tests.test_adamw_step_matches_optim_adamw):
+        if wrong:
+            with pytest.raises(AssertionError):
+                test()
+        else:
+            test()
