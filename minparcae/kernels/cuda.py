@@ -466,7 +466,7 @@ def _flash_tiles(hs):
     return b, b, math.gcd(hs, b)
 
 
-def flash_shared_bytes(D, BQ, BK, TPR):
+def flash_shared_bytes(D, BQ, BK):
     """Static shared memory of the largest of the three flash kernels, `backward_dkv`: tiles of k,
     v (BK, D + 1), q, dy (BQ, D + 1), P and dS (BK, BQ), and lse, Δ (BQ,), in float32."""
     return 4 * (2 * BK * (D + 1) + 2 * BQ * (D + 1) + 2 * BK * BQ + 2 * BQ)
@@ -485,9 +485,9 @@ def _check_flash_tiles(D, BQ, BK, TPR):
         if rows * TPR > 1024 or (rows * TPR > 32 and rows * TPR % 32):
             raise ValueError(f"flash tiles (BQ={BQ}, BK={BK}, TPR={TPR}): a block of {rows} × {TPR} "
                              "threads must be at most 32 threads or whole warps, at most 1024.")
-    if flash_shared_bytes(D, BQ, BK, TPR) > SHARED_BYTES:
+    if flash_shared_bytes(D, BQ, BK) > SHARED_BYTES:
         raise ValueError(f"head size {D} with flash tiles (BQ={BQ}, BK={BK}) needs "
-                         f"{flash_shared_bytes(D, BQ, BK, TPR) / 1024:.1f} KB of shared memory per block, more "
+                         f"{flash_shared_bytes(D, BQ, BK) / 1024:.1f} KB of shared memory per block, more "
                          f"than the {SHARED_BYTES // 1024} KB a CUDA kernel may declare: use smaller tiles or "
                          "a smaller head size (more heads).")
 
