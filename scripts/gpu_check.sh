@@ -88,7 +88,7 @@ grep -h "PREFLIGHT OK" "$OUT/preflight.log" | tee -a "$summary"
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [ -x "$sanitizer" ]; then
     for tool in memcheck racecheck synccheck; do
-        phase "$tool" 45 "$sanitizer" --tool "$tool" --error-exitcode 3 "$PY" scripts/gpu_kernels_once.py --seq 512
+        phase "$tool" 40 "$sanitizer" --tool "$tool" --error-exitcode 3 "$PY" scripts/gpu_kernels_once.py --seq 512
     done
 else
     say "phase sanitizer: FAILED: compute-sanitizer not found"
@@ -101,7 +101,7 @@ phase tests 70 "$PY" -m pytest -m gpu -rfE -p no:cacheprovider --junitxml="$OUT/
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | tee -a "$summary"
 
 # --- the benchmark against PyTorch (tables go to the summary)
-phase bench-medium 50 "$PY" bench/gpu_bench.py --preset medium --compile --no-kernels --steps 5
+phase bench-medium 45 "$PY" bench/gpu_bench.py --preset medium --compile --no-kernels --steps 5
 phase bench-140m 80 "$PY" bench/gpu_bench.py --preset parcae-140m --batch 8 --seq 512 --compile --steps 3 --repeat 5
 for b in bench-medium bench-140m; do
     grep -E "^\|" "$OUT/$b.log" | tee -a "$summary"
@@ -109,7 +109,7 @@ done
 
 # --- the default training run, on the GPU
 train_out=$(mktemp -d)
-phase train 100 "$PY" train.py --device gpu --out "$train_out/run"
+phase train 120 "$PY" train.py --device gpu --out "$train_out/run"
 say "train.py --device gpu: $(grep -h '^val_loss' "$OUT/train.log" || echo 'no val_loss'); the CPU run " \
     "(README): val_loss 3.964 in 2 min 29 s to 2 min 50 s on 2 cores"
 rm -rf "$train_out"
