@@ -51,3 +51,10 @@ def sm90_report():
     report = _sm90["log"].read()
     assert returncode == 0, report[-3000:]
     return report
+
+
+def pytest_sessionfinish(session):
+    """A session that stopped before the sm_90 test (-x, a deselection) does not leave it running."""
+    if "process" in _sm90 and _sm90["process"].poll() is None:
+        _sm90["process"].kill()
+        _sm90["process"].wait()
