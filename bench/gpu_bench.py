@@ -1,25 +1,38 @@
 """GPU benchmark: each CUDA kernel against the CuPy code it replaces, then one training step of
-minparcae (forward, backward, AdamW) with the kernels on and off, and of the PyTorch reference in
-bench/torch_parcae.py when that file is there. Prints Markdown tables.
+minparcae (forward, backward, AdamW) with the kernels on and off, against the PyTorch model of
+bench/torch_parcae.py on the same weights and batch, eager and under torch.compile. Prints
+Markdown tables.
 
     python bench/gpu_bench.py                      # parcae-140m, batch 8 × 1024 tokens
-    python bench/gpu_bench.py --preset tiny --batch 16 --seq 128 --compile
+    python bench/gpu_bench.py --preset medium --compile --no-kernels
 
-Times are wall-clock milliseconds per call after a warm-up call (which compiles the kernels), the
-GPU synchronised before the clock is read, so they include Python's launch overhead. Peak memory is
-the most the array pool held during the step.
+--preset is a model preset or a bench size of bench/sizes.py ("medium"). Times are wall-clock
+milliseconds per call after a warm-up call (which compiles the kernels, or the torch.compile
+graph), the GPU synchronised before the clock is read, so they include Python's launch overhead.
+Every sequence runs μ_rec loop steps, μ_bwd of them with gradient.
+
+MFU is model FLOPs per second (`model.flops_per_token` for that depth and sequence length, times
+tokens per second) over a peak: by default 67 TFLOP/s, the float32 rate of an H100/H200 SXM without
+tensor cores. Both sides compute in float32 with TF32 off (CuPy's and PyTorch's defaults), so that is
+the rate their matrix products can reach; against the TF32 tensor-core peak (about 495 TFLOP/s dense)
+the MFU would be 7.4 times smaller. Peak memory: the most CuPy's memory pool held during the steps
+(`total_bytes` after the timed steps, the pool emptied before them), and PyTorch's
+`max_memory_allocated` (tensors only, without its caching slack).
 """
 
 import argparse
-import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from minparcae import backend, kernels, model, optim
 from minparcae.kernels import cuda as K
 from minparcae.ops import attention, cross_entropy, embedding, injection, rmsnorm, rotary
+from sizes import SIZES
+
+FP32_PEAK_TFLOPS = 67.0  # H100 / H200 SXM, float32 without tensor cores
 
 
 def timed(fn, repeat):
@@ -110,7 +123,7 @@ def kernel_rows(cfg, B, T, repeat):
         ("injection backward", (N, d), lambda: (g * A_bar, (g * x).reshape(-1, d).sum(axis=0)),
          lambda: K.injection_backward(g, x, A_bar)),
         ("AdamW step", tuple(fc["p"].shape),
-         lambda: opt.step({"core.0.mlp.fc": fc["p"]}, {"core.0.mlp.fc": fc["g"]}, 1e-3),
+         reference(lambda: opt.step({"core.0.mlp.fc": fc["p"]}, {"core.0.mlp.fc": fc["g"]}, 1e-3)),
          lambda: K.adamw_step(fc["p"], fc["g"], fc["m"], fc["v"], 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.1, 0.05)),
     ]
     rows = []
@@ -163,26 +176,47 @@ def torch_step(params_np, cfg, batch, steps, compile):
     return (time.perf_counter() - start) / steps * 1e3, torch.cuda.max_memory_allocated()
 
 
+def config(name):
+    """A model preset, or a bench size of bench/sizes.py; exits with one sentence for anything else."""
+    if name in SIZES:
+        return SIZES[name][0]
+    if name in model.PRESETS:
+        return model.preset(name)
+    sys.exit(f"unknown size {name!r}: use a preset ({', '.join(model.PRESETS)}) or a bench size "
+             f"({', '.join(SIZES)}).")
+
+
+def row(label, ms, peak_bytes, tokens, flops_per_token, peak_tflops):
+    tokens_per_s = tokens / ms * 1e3
+    mfu = tokens_per_s * flops_per_token / (peak_tflops * 1e12)
+    return label, f"{ms:.1f}", f"{tokens_per_s:,.0f}", f"{100 * mfu:.1f}%", f"{peak_bytes / 2**30:.2f}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="parcae-140m")
+    ap.add_argument("--preset", default="parcae-140m", help="model preset or bench size (medium)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--seq", type=int, default=1024, help="tokens per sequence (at most the context)")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps per variant")
     ap.add_argument("--repeat", type=int, default=20, help="timed calls per kernel")
     ap.add_argument("--compile", action="store_true", help="also time the PyTorch step under torch.compile")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
+    ap.add_argument("--peak-tflops", type=float, default=FP32_PEAK_TFLOPS,
+                    help="the GPU's peak for MFU (default: H100/H200 float32 without tensor cores)")
     args = ap.parse_args(argv)
+    cfg = config(args.preset)
     if backend.use_device("auto") != "gpu":
         sys.exit("gpu_bench.py needs an NVIDIA GPU with CuPy: install minparcae[gpu] on a machine with one.")
     import cupy as cp
-    cfg = model.preset(args.preset)
     B, T = args.batch, min(args.seq, cfg.context)
+    flops = model.flops_per_token(replace(cfg, context=T), train=True)
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     print(f"## minparcae GPU benchmark: {name}, {args.preset}, batch {B} × {T} tokens\n")
 
-    print("### Kernels against the CuPy code they replace, ms per call\n")
-    print(table(("op", "shape", "reference", "kernel", "speed-up"), kernel_rows(cfg, B, T, args.repeat)) + "\n",
-          flush=True)
+    if not args.no_kernels:
+        print("### Kernels against the CuPy code they replace, ms per call\n")
+        print(table(("op", "shape", "reference", "kernel", "speed-up"), kernel_rows(cfg, B, T, args.repeat))
+              + "\n", flush=True)
 
     rng = np.random.default_rng(0)
     params_np = model.init_params(cfg, seed=0, dtype=np.float32, xp=np)
@@ -192,20 +226,20 @@ def main(argv=None):
     rows = []
     for label, on in (("minparcae, kernels on", True), ("minparcae, kernels off (CuPy)", False)):
         ms, peak = minparcae_step(params_np, cfg, batch, on, args.steps)
-        rows.append((label, f"{ms:.1f}", f"{B * T / ms * 1e3:,.0f}", f"{peak / 2**30:.2f}"))
+        rows.append(row(label, ms, peak, B * T, flops, args.peak_tflops))
         print(f"{label}: {ms:.1f} ms/step", file=sys.stderr, flush=True)
     cp.get_default_memory_pool().free_all_blocks()
-    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_parcae.py")):
-        for compile in (False, True) if args.compile else (False,):
-            label = "PyTorch (torch_parcae.py)" + (", torch.compile" if compile else ", eager")
-            try:
-                ms, peak = torch_step(params_np, cfg, batch, args.steps, compile)
-                rows.append((label, f"{ms:.1f}", f"{B * T / ms * 1e3:,.0f}", f"{peak / 2**30:.2f}"))
-            except Exception as e:  # a comparison, not the subject: report and go on
-                rows.append((label, f"failed: {type(e).__name__}: {e}"[:120], "", ""))
+    for compile in (False, True) if args.compile else (False,):
+        label = "PyTorch (torch_parcae.py)" + (", torch.compile" if compile else ", eager")
+        try:
+            ms, peak = torch_step(params_np, cfg, batch, args.steps, compile)
+            rows.append(row(label, ms, peak, B * T, flops, args.peak_tflops))
+        except Exception as e:  # a comparison, not the subject: report and go on
+            rows.append((label, f"failed: {type(e).__name__}: {e}"[:120], "", "", ""))
+        print(f"{label}: done", file=sys.stderr, flush=True)
     print(f"### Training step: forward, backward, AdamW (depth {cfg.mean_recurrence}, {cfg.backprop_depth} "
-          f"with gradient; float32)\n")
-    print(table(("implementation", "ms / step", "tokens / s", "peak GiB"), rows))
+          f"with gradient; float32; {flops / 1e9:.2f} GFLOP per token; MFU of {args.peak_tflops:g} TFLOP/s)\n")
+    print(table(("implementation", "ms / step", "tokens / s", "MFU", "peak GiB"), rows))
 
 
 if __name__ == "__main__":

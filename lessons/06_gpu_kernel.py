@@ -27,6 +27,13 @@ from minparcae.ops import attention, rmsnorm  # noqa: E402
 
 simulated = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 print(f"running the kernels {'under the CUDA simulator' if simulated else 'on the GPU'}")
+if simulated:
+    # The simulator creates a block's shared arrays from many Python threads without a lock, so two
+    # threads can end up with two "shared" arrays; the tests' simulator helper adds the lock.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    import cudasim  # noqa: E402
+
+    cudasim.serialise_shared_arrays()
 
 # Small launches: the simulator starts one Python thread per CUDA thread, so 32 threads per block
 # instead of 256 keep this lesson fast; a shorter switch interval makes its barriers faster too.

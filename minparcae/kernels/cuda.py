@@ -14,18 +14,17 @@ Three shapes of kernel:
   - elementwise kernels (rotary, ReLU², injection forward, AdamW, scatter-add): a thread per element;
   - attention: tiled "flash" kernels that never hold the (T, T) matrix (see `_flash_kernels`).
 
-Block reductions use warp shuffles on a GPU. The simulator has no shuffles, so there the same
+Block reductions use warp shuffles on a GPU. Numba's simulator has no shuffles, so there the same
 reductions go through shared memory instead (WARP_SHUFFLES is False); the choice is made once at
-import, so each compiled kernel contains one strategy.
+import, so each compiled kernel contains one strategy. (The tests also run the shuffle path on the
+simulator, through an emulation of their own: tests/cudasim.py.)
 """
 
 import functools
 import math
-import sys
-import threading
 
 import numpy as np
-from numba import config, cuda, float32
+from numba import cuda, float32
 
 from ..backend import array_module
 
@@ -33,44 +32,11 @@ WARP_SHUFFLES = hasattr(cuda, "shfl_xor_sync")  # False under the simulator
 MAX_THREADS = 256  # threads of a row kernel's block (a power of two, at least a warp)
 ROW_BLOCKS = 2048  # most blocks a row kernel launches (about what a Hopper GPU holds at once)
 THREADS = 256  # threads per block of the elementwise kernels
+SHARED_BYTES = 48 * 1024  # static shared memory a block may declare (more needs opt-in, dynamic)
+MAX_GRID_Y = 65535  # blocks along a grid's y axis
 FULL_MASK = 0xFFFFFFFF
 NEG_INF, ZERO, HALF, ONE = np.float32(-np.inf), np.float32(0), np.float32(0.5), np.float32(1)
 _REDUCE_BUF = 32 if WARP_SHUFFLES else 1024  # shared slots a block reduction needs: per warp, per thread
-
-
-def _serialise_simulated_shared_arrays():
-    """Make the CUDA simulator's shared arrays safe to create from several threads at once.
-
-    The simulator runs a block's threads as Python threads, and `cuda.shared.array(...)` looks the
-    array up by the calling source line and creates it when it is absent. Look-up and creation are
-    not atomic: in the first block of a launch two threads can each create their own "shared" array
-    and never see each other's writes. On a busy CPU that gave wrong rows in the first block of
-    the flash-attention forward in about one launch in a hundred. This is the simulator's own
-    function with the look-up and creation under one lock; on a GPU nothing is changed."""
-    from numba.cuda import types
-    from numba.cuda.np import numpy_support
-    from numba.cuda.simulator import kernelapi
-
-    original, lock = kernelapi.FakeCUDAShared.array, threading.Lock()
-
-    def array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:  # dynamic shared memory, or unsupported: as before
-            return original(self, shape, dtype, alignment)
-        if isinstance(dtype, types.Type):
-            dtype = numpy_support.as_dtype(dtype)
-        frame = sys._getframe(1)  # the kernel line that asks: one array per line and block
-        caller = (frame.f_code.co_filename, frame.f_lineno)
-        with lock:
-            found = self._allocations.get(caller)
-            if found is None:
-                found = self._allocations[caller] = np.empty(shape, dtype)
-        return found
-
-    kernelapi.FakeCUDAShared.array = array
-
-
-if config.ENABLE_CUDASIM:
-    _serialise_simulated_shared_arrays()
 
 
 def _cdiv(a, b):
@@ -427,6 +393,9 @@ def _adamw(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, st
 def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2):
     """One AdamW update of parameter p with gradient g and moments m, v, all in place and C-contiguous;
     bias_correction1 = 1 − β1^t, bias_correction2 = 1 − β2^t; weight_decay 0 for undecayed parameters."""
+    if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+        # reshape(-1) of a strided array is a copy: the kernel would update the copy, not p
+        raise ValueError("adamw_step updates p, m and v in place: they must be C-contiguous")
     f = np.float32
     g = array_module(g).ascontiguousarray(g)
     _launch(_adamw, _cdiv(p.size, THREADS), THREADS, p.reshape(-1), g.reshape(-1), m.reshape(-1),
@@ -497,6 +466,38 @@ def _flash_tiles(hs):
     return b, b, math.gcd(hs, b)
 
 
+def flash_shared_bytes(D, BQ, BK):
+    """Static shared memory of the largest of the three flash kernels, `backward_dkv`: tiles of k,
+    v (BK, D + 1), q, dy (BQ, D + 1), P and dS (BK, BQ), and lse, Δ (BQ,), in float32."""
+    return 4 * (2 * BK * (D + 1) + 2 * BQ * (D + 1) + 2 * BK * BQ + 2 * BQ)
+
+
+def _check_flash_tiles(D, BQ, BK, TPR):
+    """Raise ValueError unless tiles (BQ, BK, TPR) can run for head size D: a row's TPR threads are
+    consecutive lanes of one warp that fold the row by shuffles, so TPR is a power of two ≤ 32
+    dividing D, BQ and BK; a block's BQ·TPR or BK·TPR threads are whole warps or fewer than one
+    (a shuffle's mask names exactly the lanes present); static shared memory is at most 48 KB."""
+    if not (1 <= TPR <= 32 and TPR & (TPR - 1) == 0 and D % TPR == 0 and BQ % TPR == 0
+            and BK % TPR == 0):
+        raise ValueError(f"flash tiles (BQ={BQ}, BK={BK}, TPR={TPR}) for head size {D}: TPR must be a "
+                         "power of two up to 32 that divides the head size, BQ and BK.")
+    for rows in (BQ, BK):
+        if rows * TPR > 1024 or (rows * TPR > 32 and rows * TPR % 32):
+            raise ValueError(f"flash tiles (BQ={BQ}, BK={BK}, TPR={TPR}): a block of {rows} × {TPR} "
+                             "threads must be at most 32 threads or whole warps, at most 1024.")
+    if flash_shared_bytes(D, BQ, BK) > SHARED_BYTES:
+        raise ValueError(f"head size {D} with flash tiles (BQ={BQ}, BK={BK}) needs "
+                         f"{flash_shared_bytes(D, BQ, BK) / 1024:.1f} KB of shared memory per block, more "
+                         f"than the {SHARED_BYTES // 1024} KB a CUDA kernel may declare: use smaller tiles or "
+                         "a smaller head size (more heads).")
+
+
+def _check_flash_grid(BH):
+    if BH > MAX_GRID_Y:
+        raise ValueError(f"flash attention runs a block row per (sequence, head) pair, at most "
+                         f"{MAX_GRID_Y:,} of them, and got {BH:,}: split the batch.")
+
+
 @functools.lru_cache(maxsize=None)
 def _flash_kernels(D, BQ, BK, TPR):
     """The three flash-attention kernels for head size D and tile sizes BQ, BK, TPR (compile-time
@@ -517,6 +518,7 @@ def _flash_kernels(D, BQ, BK, TPR):
         dv_j = Σ_i P_ij dy_i,   dk_j = scale Σ_i dS_ij q_i           (`backward_dkv`, per key tile)
     Splitting dq from dk, dv recomputes P once more but needs no atomics, so results are deterministic.
     """
+    _check_flash_tiles(D, BQ, BK, TPR)
     DP, ND, NK, NQ = D + 1, D // TPR, BK // TPR, BQ // TPR
     MASK = FULL_MASK if BQ * TPR >= 32 else (1 << BQ * TPR) - 1  # lanes present in a small block
 
@@ -713,6 +715,7 @@ def attention_forward(q, k, v, scale, tiles=None):
     BH, T, hs = q3.shape
     tiles = tiles or _flash_tiles(hs)
     BQ, BK, TPR = tiles
+    _check_flash_grid(BH)
     y, lse, scale = xp.empty_like(q3), xp.empty((BH, T), dtype=np.float32), np.float32(scale)
     _launch(_flash_kernels(hs, *tiles)[0], (_cdiv(T, BQ), BH), (TPR, BQ), q3, k3, v3, scale, y, lse)
     return y.reshape(q.shape), (q3, k3, v3, y, lse, scale, tiles)
@@ -733,6 +736,7 @@ def attention_backward(dy, cache):
     q3, k3, v3, y, lse, scale, tiles = cache
     BQ, BK, TPR = tiles
     BH, T, hs = q3.shape
+    _check_flash_grid(BH)
     xp = array_module(dy)
     (dy3,) = _heads3(dy)
     delta = (dy3 * y).sum(axis=-1)  # Δ_i = Σ_d dy_id y_id  (BH, T)

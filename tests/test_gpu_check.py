@@ -1,0 +1,70 @@
+"""The device check and the GPU benchmark on a machine without a GPU: scripts/gpu_check.sh must stop
+in its pre-flight within 60 seconds with one `GPU CHECK: FAIL: pre-flight: ...` line, whether CuPy is
+missing or imports but finds no device (as CuPy does without a driver: its first runtime call raises);
+bench/gpu_bench.py must parse its arguments and exit with one sentence. On a GPU these are the real
+thing (the check takes minutes), so they are skipped there.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from minparcae.backend import gpu_available
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(gpu_available(), reason="on a GPU the check runs for real")
+
+CUPY_WITHOUT_DRIVER = '''
+class CUDARuntimeError(RuntimeError):
+    pass
+
+
+def _no_driver(*args):
+    raise CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+
+class cuda:
+    class runtime:
+        getDeviceCount = staticmethod(_no_driver)
+        getDeviceProperties = staticmethod(_no_driver)
+'''
+
+
+def run_check(tmp_path, extra_path=None):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+    if extra_path:
+        env["PYTHONPATH"] = str(extra_path)
+    start = time.monotonic()
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], env=env, capture_output=True,
+                            text=True, timeout=90)
+    return result, time.monotonic() - start
+
+
+@pytest.mark.parametrize("cupy", ["missing", "without a driver"])
+def test_gpu_check_stops_in_its_preflight(tmp_path, cupy):
+    stub = None
+    if cupy == "without a driver":
+        stub = tmp_path / "stub"
+        stub.mkdir()
+        (stub / "cupy.py").write_text(CUPY_WITHOUT_DRIVER)
+    result, seconds = run_check(tmp_path, stub)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 1 and seconds < 60, (seconds, result.stdout, result.stderr)
+    assert [line for line in lines if line.startswith("GPU CHECK:")] == lines[-1:], result.stdout
+    reason = "CuPy is not importable" if cupy == "missing" else "CuPy sees no GPU"
+    assert lines[-1].startswith(f"GPU CHECK: FAIL: pre-flight: {reason}"), lines[-1]
+    assert (tmp_path / "out" / "summary.txt").read_text().strip().splitlines()[-1] == lines[-1]
+
+
+def test_gpu_bench_parses_its_arguments_and_needs_a_gpu():
+    bench = os.path.join(ROOT, "bench", "gpu_bench.py")
+    help_text = subprocess.run([sys.executable, bench, "--help"], capture_output=True, text=True, timeout=120)
+    assert help_text.returncode == 0 and "--peak-tflops" in help_text.stdout
+    result = subprocess.run([sys.executable, bench, "--preset", "medium", "--compile"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "gpu_bench.py needs an NVIDIA GPU with CuPy: install minparcae[gpu] on a machine with one."]
