@@ -10,7 +10,7 @@ validation loss per loop count shows what extra test-time compute buys (and wher
 Generation is KV-cached; with --adaptive each token stops looping once its state (`state`) or its
 next-token distribution (`kl`) changes by less than --epsilon, the loop count being the maximum,
 and the line shows the mean loop count per token and, when the run's validation data is here, the
-validation loss at adaptive and at fixed depth (both through the cached decoder).
+validation loss at fixed depth (a full forward) and at adaptive depth (through the cached decoder).
 """
 
 import argparse
@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from minparcae import backend, checkpoint, cli, data, generate, model
+from minparcae import backend, checkpoint, cli, data, generate, kernels, model
 from minparcae.tokenizer import Tokenizer
 
 
@@ -66,6 +66,7 @@ def main(argv=None):
                                          f"tokenizer ({type(err).__name__}: {err}).") from None
     checkpoint.check_params(saved, model.param_shapes(cfg), args.ckpt)
     params = {k: backend.to_device(v) for k, v in saved.items()}
+    ops = kernels.for_array(params["wte"])
     loops = args.loops or [cfg.mean_recurrence]
     prompt = tok.encode(args.prompt) or [tok.eot_id]
 
@@ -79,7 +80,8 @@ def main(argv=None):
                                       top_p=args.top_p,
                                       rng=np.random.default_rng(args.seed), stop_id=tok.eot_id,
                                       cache=not args.no_cache, adaptive=args.adaptive,
-                                      epsilon=args.epsilon, return_loops=True, progress=True)
+                                      epsilon=args.epsilon, return_loops=True, progress=True,
+                                      ops=ops)
         backend.synchronize()
         out, dt = out[0], time.perf_counter() - t0
         line = (f"--- loops {n}: {len(out)} tokens at {len(out) / max(dt, 1e-9):.1f} tokens/s "
@@ -87,12 +89,11 @@ def main(argv=None):
         if args.adaptive:
             line += f", mean loops {np.mean(used[0]) if out else 0:.2f}"
         if val is not None:
+            fixed, _ = generate.evaluate(params, cfg, val, n, ops=ops)
+            line += f", val_loss {fixed:.4f}"
             if args.adaptive:
-                fixed, _ = generate.evaluate(params, cfg, val, n)
-                loss, mean = generate.evaluate(params, cfg, val, n, args.adaptive, args.epsilon)
-                line += f", val_loss {loss:.4f} at {mean:.2f} loops per token ({fixed:.4f} at {n})"
-            else:
-                line += f", val_loss {model.evaluate(params, cfg, val, n_loops=n):.4f}"
+                loss, mean = generate.evaluate(params, cfg, val, n, args.adaptive, args.epsilon, ops)
+                line += f" at {n} loops, {loss:.4f} at {mean:.2f} loops per token ({args.adaptive} exit)"
         print(line)
         print(tok.decode(prompt + out))
 

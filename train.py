@@ -7,7 +7,8 @@
 
 Each step: sample a batch of windows and a loop depth per sequence, run the model forward (the
 last μ_bwd loop steps keep activations), backward by hand, clip, update. On the CPU the batch is
-split over the cores, one group of sequences per thread (model.loss_and_grads). Validation loss at
+split over the cores, one group of sequences per thread (runtime.loss_and_grads); the ops are the
+device's fast set (kernels.select). Validation loss at
 T = μ_rec every --eval-every steps and at the end, each time followed by a checkpoint
 (<out>/ckpt.npz). Per-step metrics go to <out>/log.jsonl.
 
@@ -33,7 +34,7 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
-from minparcae import backend, checkpoint, cli, data, files, generate, model, optim
+from minparcae import backend, checkpoint, cli, data, files, generate, kernels, model, optim, runtime
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run is stopped
 # what a step computes: fixed for the life of a run, so --resume refuses to change them
@@ -104,8 +105,8 @@ def build_config(args, vocab_size):
     return model.preset(args.preset, **overrides)
 
 
-def make_optimizer(args):
-    adamw = optim.AdamW(weight_decay=args.weight_decay)
+def make_optimizer(args, params):
+    adamw = optim.AdamW(weight_decay=args.weight_decay, update=kernels.adamw_update(params["wte"]))
     return optim.Combined(adamw=adamw) if args.optimizer == "muon" else adamw
 
 
@@ -206,7 +207,8 @@ def train(args, given, run):
     unigram = data.unigram_entropy(dataset.train, tok.vocab_size, dataset.val)
 
     params = model.init_params(cfg, seed=args.seed, dtype=dtype)
-    opt = make_optimizer(args)
+    ops = kernels.for_array(params["wte"])
+    opt = make_optimizer(args, params)
     rng = np.random.default_rng(args.seed)
     step, skipped = 0, 0
     if args.resume:
@@ -233,7 +235,7 @@ def train(args, given, run):
 
     def evaluate():
         batches = data.iter_eval_batches(dataset.val, args.batch_size, cfg.context, args.eval_batches)
-        return model.evaluate(params, cfg, batches)
+        return model.evaluate(params, cfg, batches, ops=ops)
 
     saved_step = step if args.resume else None
 
@@ -279,7 +281,8 @@ def train(args, given, run):
                 lr = optim.lr_at(step, args.steps, args.lr, args.warmup, args.schedule)
                 x, y = data.get_batch(dataset.train, args.batch_size, cfg.context, rng)
                 depths = model.sample_depths(rng, args.batch_size, cfg)
-                loss, grads, diag = model.loss_and_grads(params, cfg, x, y, depths=depths, rng=rng)
+                loss, grads, diag = runtime.loss_and_grads(params, cfg, x, y, depths=depths, rng=rng,
+                                                           ops=ops)
                 grad_norm = optim.clip_grad_norm(grads, args.clip)
                 rng_state = rng.bit_generator.state
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -335,7 +338,7 @@ def train(args, given, run):
     if args.sample_tokens:
         prompt = tok.encode("def ")
         out = generate.generate(params, cfg, [prompt], args.sample_tokens, temperature=0.8, top_k=50,
-                                rng=np.random.default_rng(args.seed), stop_id=tok.eot_id)
+                                rng=np.random.default_rng(args.seed), stop_id=tok.eot_id, ops=ops)
         print("sample:\n" + tok.decode(prompt + out[0]))
     print(f"unigram baseline: {unigram:.4f}, skipped steps: {skipped}")
     print(f"val_loss: {val_loss:.4f}")

@@ -15,6 +15,12 @@ runtime fails (CUDARuntimeError). So "auto" asks the runtime for a device count 
 treats any failure as "no GPU".
 
 The compute dtype is float32 by default; gradient checks use float64 (`use_dtype`).
+
+What runs is decided by three settings a user makes on purpose, and nothing else:
+  - the device: `use_device` / --device / MINPARCAE_DEVICE (above);
+  - the compute dtype: `use_dtype` / --dtype;
+  - whether the fast paths replace ops: MINPARCAE_KERNELS=0 turns them off (minparcae/kernels).
+The number of CPU threads is BLAS's (OPENBLAS_NUM_THREADS; minparcae/runtime.py).
 """
 
 import os
@@ -109,13 +115,3 @@ def synchronize():
     if device() == "gpu":
         import cupy
         cupy.cuda.get_current_stream().synchronize()
-
-
-def seed(n):
-    """Seed the global generators of NumPy (and CuPy when on GPU) and return a fresh
-    `numpy.random.Generator`; minparcae's own randomness always goes through such generators."""
-    np.random.seed(n)
-    if device() == "gpu":
-        import cupy
-        cupy.random.seed(n)
-    return np.random.default_rng(n)

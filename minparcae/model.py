@@ -35,12 +35,13 @@ Parameters are one flat dict name -> array; matrices are stored (in, out) so a l
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple
 
 import numpy as np
 
-from . import backend, kernels
+from . import backend
 from .backend import array_module, to_host
-from .ops import attention, cross_entropy, embedding, injection, mlp, rmsnorm, rotary
+from .ops import REFERENCE, attention, injection, rotary
 from .ops.linear import rows_matmul, rows_t_matmul  # x @ W and Σ xᵀG as one product each
 
 INJECTIONS = injection.KINDS + ("none",)
@@ -273,18 +274,19 @@ def init_params(cfg, seed=0, dtype=None, xp=None):
     return {k: xp.ascontiguousarray(xp.asarray(v, dtype=dtype)) for k, v in params.items()}
 
 
-def initial_state(cfg, shape, mode, rng=None, dtype=np.float32, xp=np):
-    """h_0 of the loop, of `shape` (..., T, d_h):
+def initial_state(cfg, shape, mode, rng=None, dtype=np.float32, xp=np, start=0):
+    """h_0 of the loop, of `shape` (..., T, d_h), for positions start..start+T−1:
     'like-init'  truncated normal (±3σ, σ = the embedding's init std), drawn from `rng`;
     'seeded'     the same distribution, but position t's vector comes from a generator seeded with
-                 (EVAL_STATE_SEED, t) and is shared by every row, so a position's state does not
-                 depend on the batch or the sequence length (a KV-cached decoder reproduces it);
+                 (EVAL_STATE_SEED, t) and is shared by every row, so a position's state depends on
+                 nothing else (a decoder that runs one position at a time gets the same states);
     'zero'       zeros."""
     if mode == "zero":
         return xp.zeros(shape, dtype=dtype)
     if mode == "seeded":
         T, d_h = shape[-2], shape[-1]
-        rows = [_truncated_normal(np.random.default_rng((EVAL_STATE_SEED, t)), (d_h,)) for t in range(T)]
+        rows = [_truncated_normal(np.random.default_rng((EVAL_STATE_SEED, t)), (d_h,))
+                for t in range(start, start + T)]
         z = np.broadcast_to(np.stack(rows), shape)
     elif rng is None:
         raise ValueError("a random initial state needs an rng")
@@ -307,61 +309,218 @@ def sample_depths(rng, batch, cfg):
     return np.maximum(1, rng.poisson(cfg.mean_recurrence, size=batch))
 
 
-# ----------------------------------------------------------------------------- blocks
+# ----------------------------------------------------------------------------- layers
+#
+# Every layer below takes `ops`, the set of ops it is built from (ops.REFERENCE unless the caller
+# chose a faster set with kernels.select), and keeps its cache as a named tuple.
 
 def _acc(grads, name, g):
     grads[name] += g
 
 
-def block_forward(p, name, x, rope, cfg, ve=None):
+def take_rows(a, idx):
+    """The rows idx of a (all of a for idx None)."""
+    return a if idx is None or a is None else a[idx]
+
+
+def put_rows(a, idx, rows):
+    """a with its rows idx replaced by `rows` (just `rows` when idx is None: they are all of a)."""
+    if idx is None:
+        return rows
+    a = a.copy()
+    a[idx] = rows
+    return a
+
+
+class GateCache(NamedTuple):
+    x: object  # the gate's input x[..., :n_g], (N, T, n_g)
+    gate: object  # 2σ(x_g W_g), (N, T, H_kv)
+    ve: object  # the value embedding, (N, H_kv, T, hs)
+    w: object  # W_g, (n_g, H_kv)
+
+
+class AttentionCache(NamedTuple):
+    qkv: object  # linear.Cache of x [W_q W_k W_v]
+    q: object  # qk_norm caches of the query and key heads
+    k: object
+    core: object  # attention.Cache
+    out: object  # linear.Cache of concat(Y) W_o
+    gate: GateCache | None
+    heads: tuple  # (H, H_kv, hs)
+
+
+class BlockCache(NamedTuple):
+    norm1: object
+    attn: AttentionCache
+    norm2: object
+    mlp: object
+
+
+def attention_forward(p, name, x, rope, cfg, ops, ve=None, kv=None):
+    """One self-attention layer on x (N, T, w), H query and H_kv key/value heads of size hs:
+
+        [q k v] = x [W_q W_k W_v]               one product, the heads side by side
+        v ← v + 2σ(x[..., :n_g] W_g) · ve        with a value embedding: one gate per KV head
+        q, k ← QK-norm(RoPE(·))                  ops.qk_norm
+        Y = causal softmax(q kᵀ / √hs) v          ops.attention (with the KV cache slot `kv`)
+        y = concat_heads(Y) W_o
+    """
+    xp = array_module(x)
+    N, T, _ = x.shape
+    H, H_kv = cfg.n_head, cfg.kv_heads
+    hs = p[f"{name}.attn.wq"].shape[1] // H
+    w_qkv = xp.concatenate([p[f"{name}.attn.wq"], p[f"{name}.attn.wk"], p[f"{name}.attn.wv"]], axis=1)
+    qkv, c_qkv = ops.linear.forward(x, w_qkv)
+    qkv = qkv.reshape(N, T, H + 2 * H_kv, hs)
+    v = qkv[:, :, H + H_kv:].transpose(0, 2, 1, 3)  # (N, H_kv, T, hs)
+    gate = None
+    if ve is not None:
+        w_g = p[f"{name}.attn.ve_gate"]
+        x_g = x[..., :w_g.shape[0]]
+        g = 2.0 * injection.sigmoid(rows_matmul(x_g, w_g))  # (N, T, H_kv)
+        ve = ve.reshape(N, T, H_kv, hs).transpose(0, 2, 1, 3)
+        v = v + g.transpose(0, 2, 1)[..., None] * ve
+        gate = GateCache(x_g, g, ve, w_g)
+    q, c_q = ops.qk_norm.forward(qkv[:, :, :H], *rope)  # (N, H, T, hs)
+    k, c_k = ops.qk_norm.forward(qkv[:, :, H:H + H_kv], *rope)  # (N, H_kv, T, hs)
+    y, c_core = ops.attention.forward(q, k, v, 1.0 / math.sqrt(hs), kv)
+    y = y.transpose(0, 2, 1, 3).reshape(N, T, H * hs)
+    out, c_out = ops.linear.forward(y, p[f"{name}.attn.wo"])
+    return out, AttentionCache(c_qkv, c_q, c_k, c_core, c_out, gate, (H, H_kv, hs))
+
+
+def attention_backward(dout, cache, name, grads, ops):
+    """Backward of attention_forward, each line the chain rule through a line above, bottom up;
+    through the gate, with dv the gradient of the gated v:
+        dve = dv · gate,  dgate = Σ_hs dv ⊙ ve,  dz = dgate · 2σ(z)(1 − σ(z)),  z = x_g W_g
+    Accumulates the layer's weight gradients into `grads`; returns (dL/dx, dL/dve or None)."""
+    c_qkv, c_q, c_k, c_core, c_out, gate, (H, H_kv, hs) = cache
+    xp = array_module(dout)
+    N, T, _ = dout.shape
+    g = ops.linear.backward(dout, c_out)
+    _acc(grads, f"{name}.attn.wo", g["w"])
+    g = ops.attention.backward(g["x"].reshape(N, T, H, hs).transpose(0, 2, 1, 3), c_core)
+    dq = ops.qk_norm.backward(g["q"], c_q)["x"]  # (N, T, H, hs)
+    dk = ops.qk_norm.backward(g["k"], c_k)["x"]  # (N, T, H_kv, hs)
+    dv = g["v"]  # (N, H_kv, T, hs)
+    dve = None
+    if gate is not None:
+        dve = (dv * gate.gate.transpose(0, 2, 1)[..., None]).transpose(0, 2, 1, 3).reshape(N, T, -1)
+        dgate = (dv * gate.ve).sum(axis=-1).transpose(0, 2, 1)  # (N, T, H_kv)
+        sig = 0.5 * gate.gate
+        dz = dgate * 2.0 * sig * (1.0 - sig)
+        _acc(grads, f"{name}.attn.ve_gate", rows_t_matmul(gate.x, dz))
+    dqkv = xp.concatenate([dq, dk, dv.transpose(0, 2, 1, 3)], axis=2).reshape(N, T, -1)
+    g = ops.linear.backward(dqkv, c_qkv)
+    n_q, n_kv = H * hs, H_kv * hs
+    _acc(grads, f"{name}.attn.wq", g["w"][:, :n_q])
+    _acc(grads, f"{name}.attn.wk", g["w"][:, n_q:n_q + n_kv])
+    _acc(grads, f"{name}.attn.wv", g["w"][:, n_q + n_kv:])
+    dx = g["x"]
+    if gate is not None:
+        dx[..., :gate.w.shape[0]] += rows_matmul(dz, gate.w.T)
+    return dx, dve
+
+
+def block_forward(p, name, x, rope, cfg, ops, ve=None, kv=None):
     """One pre-norm block: x += attn(norm1 x); x += mlp(norm2 x).  x: (N, T, w)."""
-    a, c_n1 = rmsnorm.forward(x, p[f"{name}.norm1"])
-    y, c_att = attention.forward(a, p[f"{name}.attn.wq"], p[f"{name}.attn.wk"], p[f"{name}.attn.wv"],
-                                 p[f"{name}.attn.wo"], *rope, cfg.n_head, cfg.kv_heads, ve=ve,
-                                 w_gate=p.get(f"{name}.attn.ve_gate"))
-    x, a, c_n2 = rmsnorm.add_forward(x, y, p[f"{name}.norm2"])  # x += attn(...); a = norm2(x)
-    # the MLP acts on each position alone: give it the B·T positions as rows, one BLAS call each
-    y, c_mlp = mlp.forward(a.reshape(-1, a.shape[-1]), p[f"{name}.mlp.fc"], p[f"{name}.mlp.proj"])
-    return x + y.reshape(x.shape), (c_n1, c_att, c_n2, c_mlp)
+    a, c_n1 = ops.rmsnorm.forward(x, p[f"{name}.norm1"])
+    y, c_att = attention_forward(p, name, a, rope, cfg, ops, ve, kv)
+    x, a, c_n2 = ops.rmsnorm.add_forward(x, y, p[f"{name}.norm2"])  # x += attn(...); a = norm2(x)
+    y, c_mlp = ops.mlp.forward(a, p[f"{name}.mlp.fc"], p[f"{name}.mlp.proj"])
+    return x + y, BlockCache(c_n1, c_att, c_n2, c_mlp)
 
 
-def block_backward(dx, cache, name, grads):
+def block_backward(dx, cache, name, grads, ops):
     """Backward of block_forward: accumulates the block's parameter gradients into `grads`,
     returns (dL/dx, dL/dve or None)."""
-    c_n1, c_att, c_n2, c_mlp = cache
-    g = mlp.backward(dx.reshape(-1, dx.shape[-1]), c_mlp)
+    g = ops.mlp.backward(dx, cache.mlp)
     _acc(grads, f"{name}.mlp.fc", g["w_fc"])
     _acc(grads, f"{name}.mlp.proj", g["w_proj"])
-    # the residual path's gradient joins the norm's
-    g = rmsnorm.backward(g["x"].reshape(dx.shape), c_n2, dres=dx)
+    g = ops.rmsnorm.backward(g["x"], cache.norm2, dres=dx)  # the residual path's gradient joins
     _acc(grads, f"{name}.norm2", g["weight"])
     dx = g["x"]
-    g = attention.backward(dx, c_att)
-    for w in ("wq", "wk", "wv", "wo"):
-        _acc(grads, f"{name}.attn.{w}", g[w])
-    if "w_gate" in g:
-        _acc(grads, f"{name}.attn.ve_gate", g["w_gate"])
-    gn = rmsnorm.backward(g["x"], c_n1)
-    _acc(grads, f"{name}.norm1", gn["weight"])
-    return dx + gn["x"], g.get("ve")
+    da, dve = attention_backward(dx, cache.attn, name, grads, ops)
+    g = ops.rmsnorm.backward(da, cache.norm1)
+    _acc(grads, f"{name}.norm1", g["weight"])
+    return dx + g["x"], dve
 
 
 # ----------------------------------------------------------------------------- the model
 
-def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=None, train=False):
+class KVCache:
+    """The keys and values that decoding keeps: for the positions seen so far, one slot per prelude
+    and coda layer and one per (core layer, loop step), each (B, H_kv, capacity, hs). At loop step
+    t a position holds its own h_t, so a token at step t must attend to the earlier positions' keys
+    of step t: the looped model needs a slot per step, and the cache grows with the loop count.
+    A forward given a KVCache runs positions length..length+n−1 and appends them."""
+
+    def __init__(self, cfg, batch, capacity, n_loops, xp=np, dtype=np.float32):
+        self.length, self.capacity, self.n_loops = 0, capacity, n_loops
+        self.slots = {}
+        for name, width in layers(cfg):
+            shape = (batch, cfg.kv_heads, capacity, width // cfg.n_head)
+            for step in range(n_loops) if name.startswith("core.") else (None,):
+                self.slots[name, step] = (xp.empty(shape, dtype), xp.empty(shape, dtype))
+
+    def slot(self, name, step=None, rows=None):
+        keys, values = self.slots[name, step]
+        return attention.KVSlot(keys, values, self.length, rows)
+
+    @property
+    def nbytes(self):
+        return sum(k.nbytes + v.nbytes for k, v in self.slots.values())
+
+
+class LoopStep(NamedTuple):
+    rows: object  # device index of the rows that ran this step, or None for all of them
+    state: object  # injection.StateCache
+    blocks: list  # BlockCache of each core layer
+
+
+class ModelCache(NamedTuple):
+    ops: object  # the op set of the forward, which the backward must use too
+    shape: tuple  # (B, T)
+    wte: object  # embedding.Cache
+    ve: dict  # layer name -> embedding.Cache of its value-embedding table
+    prelude: list  # BlockCache per prelude block
+    prelude_norm: object  # rmsnorm.Cache, None for the fixed-depth baseline
+    inject: object  # injection.InputCache of u = B̄e
+    steps: list  # LoopStep of the last min(S, μ_bwd) loop steps
+    C: object  # linear.Cache of h_T C, None for the fixed-depth baseline
+    coda: list  # BlockCache per coda block
+    final_norm: object
+    x_final: object  # the head's input (B, T, d)
+    loss: object  # cross_entropy.Cache
+
+
+def output_logits(logits, cfg):
+    """The logits as the model returns them: scaled, and soft-capped when cfg says so."""
+    xp = array_module(logits)
+    z = logits * cfg.logit_scale
+    return z if cfg.logit_softcap is None else cfg.logit_softcap * xp.tanh(z / cfg.logit_softcap)
+
+
+def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=None, train=False,
+            ops=REFERENCE, kv=None, exit_rule=None):
     """Run the model on ids (B, T).
 
     Depth: `depths` (B,) gives each sequence's loop count; else every sequence runs `n_loops`
     (default μ_rec). With train=True the last min(depth, μ_bwd) steps of each sequence keep
     activations for `backward`, and the initial state is cfg.state_init drawn from `rng`;
-    otherwise nothing is kept and the state is cfg.eval_state.
+    otherwise nothing is kept and the state is cfg.eval_state. Decoding passes `kv`, a KVCache
+    (positions continue from kv.length), and may pass `exit_rule` (see loop_forward).
     Returns (loss if targets is given else logits (B, T, V), cache or None, diagnostics dict).
     """
     xp = array_module(p["wte"])
     dtype = p["wte"].dtype
     B, T = ids.shape
-    if T > cfg.context:
-        raise ValueError(f"sequence length {T} exceeds the model's context {cfg.context}.")
+    start = 0 if kv is None else kv.length
+    if start + T > cfg.context:
+        raise ValueError(f"positions up to {start + T} exceed the model's context {cfg.context}.")
+    if kv is not None and start + T > kv.capacity:
+        raise ValueError(f"{start} + {T} positions exceed the KV cache's capacity {kv.capacity}: "
+                         "clear it or make a larger one.")
     if depths is None:
         depths = np.full(B, n_loops or cfg.mean_recurrence)
     depths = np.asarray(to_host(depths), dtype=np.int64)
@@ -369,209 +528,181 @@ def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=N
         raise ValueError("depths must hold one loop count of at least 1 per sequence.")
     if not cfg.looped:
         depths = np.ones(B, dtype=np.int64)  # the fixed-depth baseline runs its blocks once
-    n_grad = cfg.backprop_depth if train else 0
+    if kv is not None and depths.max() > kv.n_loops:
+        raise ValueError(f"{depths.max()} loop steps need more KV slots than the cache's {kv.n_loops}.")
 
-    rope, ve, ve_caches = _position_and_value_tables(p, cfg, ids)
-    caches = {}
-    x = _prelude_forward(p, cfg, ids, rope, ve, caches)
-    if cfg.looped:
-        e, caches["prelude_norm"] = rmsnorm.forward(x, p["prelude_norm"])
-        if h0 is None:
-            h0 = initial_state(cfg, (B, T, cfg.d_h), cfg.state_init if train else cfg.eval_state,
-                               rng, dtype, xp)
-        kind = cfg.injection
-    else:  # plain transformer: the "loop" is one pass of the blocks on the prelude output
-        e, h0, kind = x, xp.zeros_like(x), "add"
-    h, steps, u_cache, diag = loop_forward(p, cfg, kind, e, h0, depths, n_grad, rope[cfg.d_h], ve)
-    if cfg.looped:
-        x, caches["C"] = rows_matmul(h, p["C"]), (h,)  # (B, T, d)
-    else:
-        x = h
-    for i in range(cfg.n_coda):
-        name = f"coda.{i}"
-        x, caches[name] = block_forward(p, name, x, rope[cfg.d_model], cfg, ve.get(name))
-    x, caches["final_norm"] = rmsnorm.forward(x, p["final_norm"])
-    head = p["wte"].T if cfg.tie_embeddings else p["lm_head"]  # (d, V)
-    logits = rows_matmul(x, head)  # (B, T, V)
-    diag["rho"] = injection.spectral_radius(kind, p) if cfg.looped else 0.0
-
-    if targets is None:
-        out = logits * cfg.logit_scale if cfg.logit_softcap is None else \
-            cfg.logit_softcap * xp.tanh(logits * cfg.logit_scale / cfg.logit_softcap)
-        caches["loss"] = None
-    else:
-        out, caches["loss"] = cross_entropy.forward(logits, targets, scale=cfg.logit_scale,
-                                                    softcap=cfg.logit_softcap)
-        out = float(out)
-    if not train:
-        return out, None, diag
-    cache = dict(caches=caches, steps=steps, u_cache=u_cache, ve_caches=ve_caches, x_final=x,
-                 shape=(B, T))
-    return out, cache, diag
-
-
-def _position_and_value_tables(p, cfg, ids):
-    """Rotary tables per block width, and the value embeddings of the layers that have them."""
-    xp, dtype, T = array_module(p["wte"]), p["wte"].dtype, ids.shape[1]
-    rope = {w: rotary.tables(T, w // cfg.n_head, cfg.rope_base, xp=xp, dtype=dtype)
+    rope = {w: rotary.tables(T, w // cfg.n_head, cfg.rope_base, offset=start, xp=xp, dtype=dtype)
             for w in {cfg.d_model, cfg.d_h}}
-    ve, ve_caches = {}, {}
+    ve, c_ve = {}, {}
     for name in value_embedding_layers(cfg):
-        ve[name], ve_caches[name] = embedding.forward(ids, p[f"ve.{name}"])
-    return rope, ve, ve_caches
-
-
-def _prelude_forward(p, cfg, ids, rope, ve, caches):
-    """Token embedding and the prelude blocks: ids (B, T) -> (B, T, d)."""
-    x, caches["wte"] = embedding.forward(ids, p["wte"])
+        ve[name], c_ve[name] = ops.embedding.forward(ids, p[f"ve.{name}"])
+    x, c_wte = ops.embedding.forward(ids, p["wte"])
+    c_prelude = []
     for i in range(cfg.n_prelude):
         name = f"prelude.{i}"
-        x, caches[name] = block_forward(p, name, x, rope[cfg.d_model], cfg, ve.get(name))
-    return x
+        x, c = block_forward(p, name, x, rope[cfg.d_model], cfg, ops, ve.get(name),
+                             kv and kv.slot(name))
+        c_prelude.append(c)
+    if cfg.looped:
+        e, c_pn = ops.rmsnorm.forward(x, p["prelude_norm"])
+        if h0 is None:
+            h0 = initial_state(cfg, (B, T, cfg.d_h), cfg.state_init if train else cfg.eval_state,
+                               rng, dtype, xp, start)
+        kind = cfg.injection
+    else:  # plain transformer: the "loop" is one pass of the blocks on the prelude output
+        e, c_pn, h0, kind = x, None, xp.zeros_like(x), "add"
+
+    def logits_of(h, idx):  # the logits of states h of the rows idx (for an exit rule)
+        return output_logits(coda_forward(p, cfg, h, rope, _rows(ve, idx), ops, kv, idx)[0], cfg)
+
+    n_grad = cfg.backprop_depth if train else 0
+    h, c_inject, steps, diag = loop_forward(p, cfg, kind, e, h0, depths, n_grad, rope[cfg.d_h], ve,
+                                            ops, kv, exit_rule, logits_of)
+    logits, c_C, c_coda, c_fn, x = coda_forward(p, cfg, h, rope, ve, ops, kv)
+    diag["rho"] = injection.spectral_radius(kind, p) if cfg.looped else 0.0
+    if kv is not None:
+        kv.length += T
+    if targets is None:
+        return output_logits(logits, cfg), None, diag
+    if not train:
+        return ops.cross_entropy.loss(logits, targets, scale=cfg.logit_scale,
+                                      softcap=cfg.logit_softcap), None, diag
+    loss, c_loss = ops.cross_entropy.forward(logits, targets, scale=cfg.logit_scale,
+                                             softcap=cfg.logit_softcap)
+    return loss, ModelCache(ops, (B, T), c_wte, c_ve, c_prelude, c_pn, c_inject, steps, c_C,
+                            c_coda, c_fn, x, c_loss), diag
+
+
+def _rows(tables, idx):
+    return {name: take_rows(t, idx) for name, t in tables.items()}
+
+
+def coda_forward(p, cfg, h, rope, ve, ops, kv=None, idx=None):
+    """h (N, T, d_h) -> C -> coda blocks -> final norm -> logits (N, T, V), before output_logits,
+    for the rows idx of the batch (None: all). Returns (logits, C cache, coda caches, final-norm
+    cache, the head's input)."""
+    x, c_C = ops.linear.forward(h, p["C"]) if cfg.looped else (h, None)  # (N, T, d)
+    c_coda = []
+    for i in range(cfg.n_coda):
+        name = f"coda.{i}"
+        x, c = block_forward(p, name, x, rope[cfg.d_model], cfg, ops, ve.get(name),
+                             kv and kv.slot(name, rows=idx))
+        c_coda.append(c)
+    x, c_fn = ops.rmsnorm.forward(x, p["final_norm"])
+    head = p["wte"].T if cfg.tie_embeddings else p["lm_head"]  # (d, V)
+    return rows_matmul(x, head), c_C, c_coda, c_fn, x
 
 
 def state_after(p, cfg, ids, n_steps, h0):
     """The loop state h_n after n_steps iterations from h0 (no gradient kept): for analysis, and
     for building the truncated loss in the tests."""
-    rope, ve, _ = _position_and_value_tables(p, cfg, ids)
-    x = _prelude_forward(p, cfg, ids, rope, ve, {})
-    e, _ = rmsnorm.forward(x, p["prelude_norm"])
+    ops = REFERENCE
+    T = ids.shape[1]
+    xp, dtype = array_module(p["wte"]), p["wte"].dtype
+    rope = rotary.tables(T, cfg.d_h // cfg.n_head, cfg.rope_base, xp=xp, dtype=dtype)
+    rope_d = rotary.tables(T, cfg.d_model // cfg.n_head, cfg.rope_base, xp=xp, dtype=dtype)
+    ve = {name: p[f"ve.{name}"][ids] for name in value_embedding_layers(cfg)}
+    x = p["wte"][ids]
+    for i in range(cfg.n_prelude):
+        x, _ = block_forward(p, f"prelude.{i}", x, rope_d, cfg, ops, ve.get(f"prelude.{i}"))
+    e, _ = ops.rmsnorm.forward(x, p["prelude_norm"])
     depths = np.full(ids.shape[0], n_steps)
-    return loop_forward(p, cfg, cfg.injection, e, h0, depths, 0, rope[cfg.d_h], ve)[0]
+    return loop_forward(p, cfg, cfg.injection, e, h0, depths, 0, rope, ve, ops)[0]
 
 
-def loop_forward(p, cfg, kind, e, h, depths, n_grad, rope, ve):
+def loop_forward(p, cfg, kind, e, h, depths, n_grad, rope, ve, ops, kv=None, exit_rule=None,
+                 logits_of=None):
     """h_t = R(Ā h_{t−1} + B̄ e) for each sequence's own number of steps (right-aligned, see the
-    module docstring). Returns h_T, the caches of the last min(S, n_grad) steps, the injection's
-    input cache and diagnostics."""
+    module docstring), keeping the caches of the last min(S, n_grad) steps.
+
+    Decoding may stop a sequence early: after each step t, `exit_rule(t, rows, h_t, h_prev,
+    logits_of)` gets the rows that ran (host indices), their new and previous states and
+    `logits_of(h, idx)` (the coda's logits of states h for the rows idx), and returns a host
+    boolean per row, True for the rows that stop. Returns h_T, the injection's input cache, the
+    step caches and diagnostics: the steps run S, the mean ‖h_T‖ over positions, the mean relative
+    change ‖h_T − h_{T−1}‖ / ‖h_T‖ over positions (the residual), and each row's loop count."""
     xp = array_module(h)
-    u, u_cache = injection.input_forward(kind, p, e)  # B̄e: computed once for the whole loop
+    u, c_inject = ops.injection.input_forward(kind, p, e)  # B̄e: computed once for the whole loop
     B = h.shape[0]
     S = int(depths.max())
     start = S - depths  # sequence b runs steps start_b .. S−1
+    running = np.ones(B, dtype=bool)  # False once an exit rule stopped the row
+    loops = np.zeros(B, dtype=np.int64)
     first_cached = S - min(S, n_grad)
     steps, h_prev = [], h
     for t in range(S):
-        rows = np.flatnonzero(start <= t)
-        full = len(rows) == B
-        rows = xp.asarray(rows)  # index on the device the state lives on
-        sel = (lambda a: a) if full else (lambda a: a[rows])
-        x, c_state = injection.state_forward(kind, p, sel(h), sel(u))
+        rows = np.flatnonzero((start <= t) & running)
+        idx = None if len(rows) == B else xp.asarray(rows)  # index on the state's device
+        x, c_state = ops.injection.state_forward(kind, p, take_rows(h, idx), take_rows(u, idx))
         c_blocks = []
         for i in range(cfg.n_recurrent):
             name = f"core.{i}"
-            x, c = block_forward(p, name, x, rope, cfg, sel(ve[name]) if name in ve else None)
+            x, c = block_forward(p, name, x, rope, cfg, ops, take_rows(ve.get(name), idx),
+                                 kv and kv.slot(name, t, idx))
             c_blocks.append(c)
-        h_prev = h
-        if full:
-            h = x
-        else:
-            h = h.copy()
-            h[rows] = x  # sequences that have not started keep their state
+        h_prev, h = h, put_rows(h, idx, x)  # sequences that have not started keep their state
+        loops[rows] += 1
         if t >= first_cached:
-            steps.append((None if full else rows, c_state, c_blocks))
+            steps.append(LoopStep(idx, c_state, c_blocks))
+        if exit_rule is not None:
+            running[rows[exit_rule(t, rows, x, take_rows(h_prev, idx), logits_of)]] = False
+            if not running.any():
+                break
     # in float64: an exploding state (an unstable injection) can pass float32's range in its
     # squares long before its entries overflow, and the diagnostics should still measure it
     h64, prev64 = h.astype(xp.float64), h_prev.astype(xp.float64)
     norm_T = xp.sqrt((h64 * h64).sum(axis=-1))  # (B, T)
-    state_sq = float((h64 * h64).sum())  # kept so that loss_and_grads can combine parts' residuals
-    diag = {"steps": S, "state_norm": float(norm_T.mean()), "state_sq": state_sq,
-            "residual": float(xp.linalg.norm(h64 - prev64)) / max(math.sqrt(state_sq), 1e-30)}
-    return h, steps, u_cache, diag
+    change = xp.sqrt(((h64 - prev64) ** 2).sum(axis=-1)) / xp.maximum(norm_T, 1e-30)
+    diag = {"steps": S, "state_norm": float(norm_T.mean()), "residual": float(change.mean()),
+            "loops": loops}
+    return h, c_inject, steps, diag
 
 
 def backward(p, cfg, cache, dloss=1.0):
-    """Gradients of dloss × the mean cross-entropy with respect to every parameter (a dict like p)."""
+    """Gradients of dloss × the mean cross-entropy with respect to every parameter (a dict like p),
+    through the ops that made `cache`."""
+    ops = cache.ops
     xp = array_module(p["wte"])
     grads = {k: xp.zeros_like(v) for k, v in p.items()}
-    caches = cache["caches"]
-    dlogits = cross_entropy.backward(dloss, caches["loss"])["logits"]  # (B, T, V)
-    x = cache["x_final"]
+    dlogits = ops.cross_entropy.backward(dloss, cache.loss)["logits"]  # (B, T, V)
+    x = cache.x_final
     if cfg.tie_embeddings:
         _acc(grads, "wte", rows_t_matmul(dlogits, x))
         dx = rows_matmul(dlogits, p["wte"])
     else:
         _acc(grads, "lm_head", rows_t_matmul(x, dlogits))
         dx = rows_matmul(dlogits, p["lm_head"].T)
-    g = rmsnorm.backward(dx, caches["final_norm"])
+    g = ops.rmsnorm.backward(dx, cache.final_norm)
     _acc(grads, "final_norm", g["weight"])
     dx = g["x"]
     dve = {}  # layer name -> dL/d(value embedding) (B, T, kv·hs), summed over loop steps
     for i in reversed(range(cfg.n_coda)):
         name = f"coda.{i}"
-        dx, g_ve = block_backward(dx, caches[name], name, grads)
+        dx, g_ve = block_backward(dx, cache.coda[i], name, grads, ops)
         _add_ve(dve, name, g_ve)
     if cfg.looped:
-        (h,) = caches["C"]
-        _acc(grads, "C", rows_t_matmul(h, dx))
-        dh = rows_matmul(dx, p["C"].T)  # (B, T, d_h)
+        g = ops.linear.backward(dx, cache.C)
+        _acc(grads, "C", g["w"])
+        dh = g["x"]  # (B, T, d_h)
     else:
         dh = dx
 
     de = loop_backward(p, cfg, cache, dh, grads, dve)
 
     if cfg.looped:
-        g = rmsnorm.backward(de, caches["prelude_norm"])
+        g = ops.rmsnorm.backward(de, cache.prelude_norm)
         _acc(grads, "prelude_norm", g["weight"])
         dx = g["x"]
     else:
         dx = de
     for i in reversed(range(cfg.n_prelude)):
         name = f"prelude.{i}"
-        dx, g_ve = block_backward(dx, caches[name], name, grads)
+        dx, g_ve = block_backward(dx, cache.prelude[i], name, grads, ops)
         _add_ve(dve, name, g_ve)
-    _acc(grads, "wte", embedding.backward(dx, caches["wte"])["table"])
+    _acc(grads, "wte", ops.embedding.backward(dx, cache.wte)["table"])
     for name, g_ve in dve.items():
-        _acc(grads, f"ve.{name}", embedding.backward(g_ve, cache["ve_caches"][name])["table"])
+        _acc(grads, f"ve.{name}", ops.embedding.backward(g_ve, cache.ve[name])["table"])
     return grads
-
-
-def loss_and_grads(p, cfg, ids, targets, depths=None, h0=None, rng=None):
-    """One training batch: forward(train=True), then backward. Returns (loss, grads, diag).
-
-    On the CPU the batch is split by sequence into one part per thread (kernels/cpu.py's
-    split_batch), and the parts run forward and backward at once, each on a core of its own with
-    BLAS and the kernels single-threaded inside. Nothing is shared but the parameters, so the
-    threads never wait for each other, where splitting every product and kernel over the cores
-    hands them back and forth a few hundred times per step. The mean loss over all targets is
-    Σ_i (n_i/n) L_i for parts with n_i of the n targets, so part i backpropagates dloss = n_i/n and
-    the gradients add up. The initial state is drawn for the whole batch first, so the result is
-    forward + backward's on the whole batch, up to the order of float additions."""
-    B, T = ids.shape
-    split = kernels.fast("split_batch", p["wte"])
-    if split is None or B < 2:
-        loss, cache, diag = forward(p, cfg, ids, targets, depths=depths, h0=h0, rng=rng, train=True)
-        return loss, backward(p, cfg, cache), diag
-    xp = array_module(p["wte"])
-    if depths is None:
-        depths = np.full(B, cfg.mean_recurrence)
-    depths = np.asarray(to_host(depths))
-    if h0 is None and cfg.looped:  # as forward would draw it for the whole batch
-        h0 = initial_state(cfg, (B, T, cfg.d_h), cfg.state_init, rng, p["wte"].dtype, xp)
-    counts = to_host(targets != cross_entropy.IGNORE_INDEX).reshape(B, -1).sum(axis=1)
-    n = max(int(counts.sum()), 1)
-
-    def part(lo, hi):
-        share = int(counts[lo:hi].sum()) / n
-        loss, cache, diag = forward(p, cfg, ids[lo:hi], targets[lo:hi], depths=depths[lo:hi],
-                                    h0=None if h0 is None else h0[lo:hi], train=True)
-        return share * loss, backward(p, cfg, cache, dloss=share), diag, hi - lo
-
-    parts = split(part, B)
-    loss, grads, diag, _ = parts[0]
-    diag = dict(diag)
-    change_sq = diag["residual"] ** 2 * diag["state_sq"]
-    diag["state_norm"] *= parts[0][3] / B
-    for part_loss, part_grads, part_diag, rows in parts[1:]:
-        loss += part_loss
-        for k, g in part_grads.items():
-            grads[k] += g
-        diag["steps"] = max(diag["steps"], part_diag["steps"])
-        diag["state_norm"] += part_diag["state_norm"] * rows / B
-        change_sq += part_diag["residual"] ** 2 * part_diag["state_sq"]
-        diag["state_sq"] += part_diag["state_sq"]
-    diag["residual"] = math.sqrt(change_sq) / max(math.sqrt(diag["state_sq"]), 1e-30)
-    return loss, grads, diag
 
 
 def _add_ve(dve, name, g):
@@ -582,14 +713,15 @@ def _add_ve(dve, name, g):
 def loop_backward(p, cfg, cache, dh, grads, dve):
     """Backprop through the cached loop steps, newest first; returns dL/de. The gradient reaching
     the state before the first cached step is dropped: that is the truncation."""
+    ops = cache.ops
     xp = array_module(dh)
-    B, T = cache["shape"]
+    B, T = cache.shape
     du = xp.zeros_like(dh)
-    for rows, c_state, c_blocks in reversed(cache["steps"]):
-        g = dh if rows is None else dh[rows]
+    for rows, c_state, c_blocks in reversed(cache.steps):
+        g = take_rows(dh, rows)
         for i in reversed(range(cfg.n_recurrent)):
             name = f"core.{i}"
-            g, g_ve = block_backward(g, c_blocks[i], name, grads)
+            g, g_ve = block_backward(g, c_blocks[i], name, grads, ops)
             if g_ve is not None:
                 if name not in dve:
                     dve[name] = xp.zeros((B,) + g_ve.shape[1:], dtype=g_ve.dtype)
@@ -597,7 +729,7 @@ def loop_backward(p, cfg, cache, dh, grads, dve):
                     dve[name] += g_ve
                 else:
                     dve[name][rows] += g_ve
-        gs = injection.state_backward(g, c_state, p)
+        gs = ops.injection.state_backward(g, c_state, p)
         for k, v in gs.items():
             if k.startswith("inject."):
                 _acc(grads, k, v)
@@ -608,7 +740,7 @@ def loop_backward(p, cfg, cache, dh, grads, dve):
             dh = dh.copy()
             dh[rows] = gs["h"]  # sequences that had not started pass their gradient through
             du[rows] += gs["u"]
-    gi = injection.input_backward(du, cache["u_cache"], p)
+    gi = ops.injection.input_backward(du, cache.inject, p)
     for k, v in gi.items():
         if k.startswith("inject."):
             _acc(grads, k, v)
@@ -668,12 +800,12 @@ def flops_per_token(cfg, train=True, n_loops=None):
     return 2 * (n_outside + a_outside) + 2 * (n_core + a_core) * T
 
 
-def evaluate(params, cfg, batches, n_loops=None):
+def evaluate(params, cfg, batches, n_loops=None, ops=REFERENCE):
     """Mean loss over (x, y) batches at n_loops loop steps (default μ_rec), from the evaluation
     state, each batch weighted by its number of sequences."""
     total, count = 0.0, 0
     for x, y in batches:
-        total += forward(params, cfg, x, y, n_loops=n_loops)[0] * len(x)
+        total += forward(params, cfg, x, y, n_loops=n_loops, ops=ops)[0] * len(x)
         count += len(x)
     if count == 0:
         raise ValueError("no batches to evaluate.")

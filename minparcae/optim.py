@@ -8,7 +8,6 @@ with `np.savez`) and `load_state_dict()` resumes the run bit for bit.
 
 import math
 
-from minparcae import kernels
 from minparcae.backend import array_module
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Muon's quintic Newton–Schulz coefficients (a, b, c)
@@ -54,6 +53,18 @@ def _copies(state, prefix):
     return {k: a.copy() for k, a in _strip(state, prefix).items()}
 
 
+def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2):
+    """One AdamW update of p, m, v in place (see AdamW); weight_decay 0 for undecayed parameters."""
+    xp = array_module(p)
+    if weight_decay:
+        p *= 1 - lr * weight_decay
+    m *= beta1
+    m += (1 - beta1) * g
+    v *= beta2
+    v += (1 - beta2) * g * g
+    p -= (lr / bias_correction1) * m / (xp.sqrt(v) / math.sqrt(bias_correction2) + eps)
+
+
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter), as in torch.optim.AdamW.
 
@@ -63,11 +74,14 @@ class AdamW:
         p ← p − lr · (m / (1 − β1^t)) / (√(v / (1 − β2^t)) + eps)
     The bias corrections undo the zero start of m and v. Defaults are the common GPT ones; the
     reference trains its AdamW group with betas (0.8, 0.95), eps 1e-10 and no weight decay.
-    State: {"step": t, "m.<name>": m, "v.<name>": v}, the live buffers (save them before stepping).
+    `update` does one parameter's update (`adamw_update`, or the GPU's one-pass kernel from
+    kernels.adamw_update). State: {"step": t, "m.<name>": m, "v.<name>": v}, the live buffers (save
+    them before stepping).
     """
 
-    def __init__(self, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+    def __init__(self, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, update=None):
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.update = update or adamw_update
         self.t, self.m, self.v = 0, {}, {}
 
     def step(self, params, grads, lr):
@@ -77,20 +91,9 @@ class AdamW:
         bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         for name, g in grads.items():
             p = params[name]
-            xp = array_module(p)
             m, v = _buffer(self.m, name, p), _buffer(self.v, name, p)
-            kernel = kernels.fast("adamw_step", p)
-            if kernel is not None:  # the same update in one pass
-                wd = 0.0 if no_weight_decay(name, p.shape) else self.weight_decay
-                kernel(p, g, m, v, lr, b1, b2, self.eps, wd, bc1, bc2)
-                continue
-            if not no_weight_decay(name, p.shape):
-                p *= 1 - lr * self.weight_decay
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            p -= (lr / bc1) * m / (xp.sqrt(v) / math.sqrt(bc2) + self.eps)
+            wd = 0.0 if no_weight_decay(name, p.shape) else self.weight_decay
+            self.update(p, g, m, v, lr, b1, b2, self.eps, wd, bc1, bc2)
 
     def state_dict(self):
         return {"step": self.t, **{"m." + k: a for k, a in self.m.items()},

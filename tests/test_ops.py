@@ -1,14 +1,19 @@
-"""Every op's hand-written backward against central finite differences in float64.
+"""Every op's hand-written backward against central finite differences in float64, and the
+attention layer that model.py builds from them.
 
 Tolerance: the normwise relative error of gradcheck.py must be below GRAD_TOL = 1e-6 for every
 input of every op (finite differences in float64 with ε = 1e-6 reach about 1e-9 here).
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+from minparcae import model
 from minparcae.gradcheck import check_grads, check_op
-from minparcae.ops import attention, cross_entropy, embedding, linear, mlp, rmsnorm, rotary
+from minparcae.ops import (REFERENCE, attention, cross_entropy, embedding, linear, mlp, qk_norm,
+                           rmsnorm, rotary)
 
 GRAD_TOL = 1e-6
 
@@ -104,6 +109,23 @@ def attention_inputs(rng, B, T, d, n_head, n_kv_head, hs, with_ve):
     return inputs, static
 
 
+def layer_forward(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gate=None, ops=REFERENCE):
+    """model.attention_forward with the op convention of check_op (weights as inputs)."""
+    p = {"L.attn.wq": wq, "L.attn.wk": wk, "L.attn.wv": wv, "L.attn.wo": wo, "L.attn.ve_gate": w_gate}
+    cfg = SimpleNamespace(n_head=n_head, kv_heads=n_kv_head)
+    out, cache = model.attention_forward(p, "L", x, (cos, sin), cfg, ops, ve)
+    return out, (cache, p, ops)
+
+
+def layer_backward(dout, state):
+    cache, p, ops = state
+    grads = {k: np.zeros_like(v) for k, v in p.items() if v is not None}
+    dx, dve = model.attention_backward(dout, cache, "L", grads, ops)
+    out = {"x": dx, **{k.split(".")[-1]: g for k, g in grads.items()}, "ve": dve}
+    out["w_gate"] = out.pop("ve_gate", None)
+    return {k: v for k, v in out.items() if v is not None}
+
+
 @pytest.mark.parametrize("B,T,d,n_head,n_kv_head,hs", [
     (2, 7, 12, 2, 2, 6),   # odd sequence length, head size 6
     (1, 1, 8, 2, 2, 4),    # a sequence of length 1
@@ -111,30 +133,68 @@ def attention_inputs(rng, B, T, d, n_head, n_kv_head, hs, with_ve):
     (1, 6, 8, 3, 1, 2),    # multi-query
 ])
 @pytest.mark.parametrize("with_ve", [False, True])
-def test_attention(B, T, d, n_head, n_kv_head, hs, with_ve):
+def test_attention_layer(B, T, d, n_head, n_kv_head, hs, with_ve):
     rng = np.random.default_rng(7)
     inputs, static = attention_inputs(rng, B, T, d, n_head, n_kv_head, hs, with_ve)
-    err, errs = check_op(attention.forward, attention.backward, inputs, **static)
+    err, errs = check_op(layer_forward, layer_backward, inputs, **static)
     assert err < GRAD_TOL, errs
 
 
-def test_attention_is_causal():
+@pytest.mark.parametrize("N,H,H_kv,T,hs", [(2, 2, 2, 7, 3), (1, 4, 2, 5, 4), (1, 3, 1, 6, 2),
+                                           (1, 2, 2, 1, 4)])
+def test_attention_core(N, H, H_kv, T, hs):
+    rng = np.random.default_rng(17)
+    inputs = {"q": rand(rng, N, H, T, hs), "k": rand(rng, N, H_kv, T, hs), "v": rand(rng, N, H_kv, T, hs)}
+    err, errs = check_op(attention.forward, attention.backward, inputs, scale=0.4)
+    assert err < GRAD_TOL, errs
+
+
+def test_attention_core_with_a_kv_cache_equals_the_full_sequence():
+    """Positions fed one, then three, then two at a time through a KV slot give the full causal
+    forward's outputs, also for a subset of the batch's rows."""
+    rng = np.random.default_rng(18)
+    q, k, v = rand(rng, 3, 4, 6, 5), rand(rng, 3, 2, 6, 5), rand(rng, 3, 2, 6, 5)
+    full, _ = attention.forward(q, k, v, 0.3)
+    keys, values = np.zeros((3, 2, 8, 5)), np.zeros((3, 2, 8, 5))
+    rows = np.array([0, 2])
+    for lo, hi in [(0, 1), (1, 4), (4, 6)]:
+        slot = attention.KVSlot(keys, values, lo, rows)
+        y, _ = attention.forward(q[rows, :, lo:hi], k[rows, :, lo:hi], v[rows, :, lo:hi], 0.3, slot)
+        np.testing.assert_allclose(y, full[rows, :, lo:hi], rtol=1e-12, atol=1e-12)
+    assert not keys[1].any()  # row 1 was not run
+
+
+@pytest.mark.parametrize("T,heads,hs", [(5, 3, 4), (1, 1, 2)])
+def test_qk_norm(T, heads, hs):
+    rng = np.random.default_rng(19)
+    cos, sin = rotary.tables(T, hs, dtype=np.float64)
+    big = rand(rng, 2, T, heads + 2, hs)
+    view = big[:, :, 1:1 + heads]  # a strided view, as the layer passes the heads of q/k/v
+    err, errs = check_op(qk_norm.forward, qk_norm.backward, {"x": view.copy()}, cos=cos, sin=sin)
+    assert err < GRAD_TOL, errs
+    y, _ = qk_norm.forward(view, cos, sin)
+    np.testing.assert_array_equal(y, qk_norm.forward(view.copy(), cos, sin)[0])
+    assert y.shape == (2, heads, T, hs)
+    np.testing.assert_allclose((y * y).mean(axis=-1), 1.0, rtol=1e-4)  # unit RMS, up to eps
+
+
+def test_attention_layer_is_causal():
     rng = np.random.default_rng(8)
     inputs, static = attention_inputs(rng, 1, 6, 8, 2, 2, 4, True)
-    y1, _ = attention.forward(**inputs, **static)
+    y1, _ = layer_forward(**inputs, **static)
     inputs["x"][:, 4:] += 10.0  # change the future: outputs at positions < 4 must not move
     inputs["ve"][:, 4:] -= 3.0
-    y2, _ = attention.forward(**inputs, **static)
+    y2, _ = layer_forward(**inputs, **static)
     np.testing.assert_array_equal(y1[:, :4], y2[:, :4])
     assert np.abs(y1[:, 4:] - y2[:, 4:]).max() > 1e-3
 
 
-def test_attention_wide_gate_input():
+def test_attention_layer_wide_gate_input():
     """With d > 32 the gate reads only the first 32 channels of x."""
     rng = np.random.default_rng(9)
     inputs, static = attention_inputs(rng, 1, 3, 40, 2, 2, 4, True)
     assert inputs["w_gate"].shape == (32, 2)
-    err, errs = check_op(attention.forward, attention.backward, inputs, **static)
+    err, errs = check_op(layer_forward, layer_backward, inputs, **static)
     assert err < GRAD_TOL, errs
 
 
@@ -142,7 +202,7 @@ def ce_check(logits, targets, **kw):
     inputs = {"logits": logits}
 
     def loss():
-        return float(cross_entropy.forward(logits, targets, **kw)[0])
+        return cross_entropy.forward(logits, targets, **kw)[0]
 
     _, cache = cross_entropy.forward(logits, targets, **kw)
     grads = cross_entropy.backward(1.0, cache)
@@ -163,7 +223,17 @@ def test_cross_entropy(shape, V, scale, softcap):
 def test_cross_entropy_value_and_mean_over_valid():
     logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]]))
     loss, _ = cross_entropy.forward(logits, np.array([0, 2, -1]))
-    assert abs(float(loss) - (-np.log(0.5) - np.log(0.8)) / 2) < 1e-12
+    assert abs(loss - (-np.log(0.5) - np.log(0.8)) / 2) < 1e-12
+
+
+@pytest.mark.parametrize("scale,softcap", [(1.0, None), (0.7, 3.0)])
+def test_cross_entropy_loss_alone_equals_the_forward(scale, softcap):
+    """Evaluation's `loss` (no gradient made) gives the training forward's number."""
+    rng = np.random.default_rng(12)
+    logits, targets = rand(rng, 3, 5, 9, scale=2.0), rng.integers(0, 9, (3, 5))
+    targets[0, 1] = cross_entropy.IGNORE_INDEX
+    trained = cross_entropy.forward(logits, targets, scale=scale, softcap=softcap)[0]
+    assert abs(cross_entropy.loss(logits, targets, scale=scale, softcap=softcap) - trained) < 1e-12
 
 
 def test_cross_entropy_all_ignored_but_one():
@@ -213,7 +283,8 @@ def test_check_catches_a_wrong_backward():
 FLOAT32_TOL = 2e-4  # float32 has ~7 digits; the ops chain a few reductions
 
 
-@pytest.mark.parametrize("name", ["linear", "rmsnorm", "rotary", "mlp", "attention", "cross_entropy"])
+@pytest.mark.parametrize("name", ["linear", "rmsnorm", "rotary", "mlp", "attention layer", "qk_norm",
+                                  "cross_entropy"])
 def test_float32_matches_float64(name):
     rng = np.random.default_rng(13)
     if name == "linear":
@@ -226,9 +297,12 @@ def test_float32_matches_float64(name):
     elif name == "mlp":
         op, inputs, static = mlp, {"x": rand(rng, 2, 7, 6), "w_fc": rand(rng, 6, 24),
                                    "w_proj": rand(rng, 24, 6)}, {}
-    elif name == "attention":
-        op = attention
+    elif name == "attention layer":
+        op = SimpleNamespace(forward=layer_forward, backward=layer_backward)
         inputs, static = attention_inputs(rng, 2, 7, 12, 4, 2, 6, True)
+    elif name == "qk_norm":
+        cos, sin = rotary.tables(7, 6, dtype=np.float64)
+        op, inputs, static = qk_norm, {"x": rand(rng, 2, 7, 3, 6)}, {"cos": cos, "sin": sin}
     else:
         op = cross_entropy
         inputs = {"logits": rand(rng, 2, 7, 50, scale=3.0)}
@@ -244,7 +318,7 @@ def test_float32_matches_float64(name):
 
     out64, g64 = run(np.float64)
     out32, g32 = run(np.float32)
-    assert np.asarray(out32).dtype == np.float32
+    assert name == "cross_entropy" or out32.dtype == np.float32  # its loss is a Python float
     scale = np.abs(out64).max()
     assert np.abs(out32 - out64).max() <= FLOAT32_TOL * scale
     for k in g64:

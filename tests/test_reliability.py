@@ -23,7 +23,7 @@ import pytest
 
 import sample
 import train
-from minparcae import checkpoint, cli, data, files, model
+from minparcae import checkpoint, cli, data, files, model, runtime
 from runhelp import make_corpus, read_log, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def signal_during(monkeypatch, target, name, n_call, signum=signal.SIGINT, times
 
 
 def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch):
-    signal_during(monkeypatch, train.model, "loss_and_grads", 13, times=2)
+    signal_during(monkeypatch, train.runtime, "loss_and_grads", 13, times=2)
     with pytest.raises(SystemExit, match=rf"stopped at step 12 without saving it; the last good "
                        rf"checkpoint is {tmp_path / 'ckpt.npz'} \(step 10\)"):
         train.main(train_args(corpus, tmp_path, "--steps", "20"))
@@ -242,9 +242,9 @@ def test_the_linear_injection_is_told_about_the_diagonal_one(corpus, tmp_path):
 def test_a_checkpoint_is_written_only_when_finite(corpus, tmp_path, monkeypatch, fault):
     real, calls = model.evaluate, {"n": 0}
 
-    def evaluate(params, cfg, batches, n_loops=None):
+    def evaluate(params, cfg, batches, n_loops=None, ops=None):
         calls["n"] += 1
-        loss = real(params, cfg, batches, n_loops)
+        loss = real(params, cfg, batches, n_loops, ops)
         if calls["n"] == 2 and fault == "nan validation loss":
             return float("nan")
         if calls["n"] == 2:
@@ -403,7 +403,7 @@ def test_sample_prints_samples_when_the_validation_data_is_damaged(corpus, tmp_p
 def test_resume_takes_the_runs_own_settings(corpus, tmp_path, monkeypatch):
     own = ("--lr", "0.01", "--batch-size", "4", "--optimizer", "muon", "--steps", "12")
     full = train.main(train_args(corpus, tmp_path / "full", *own))
-    real, calls = model.loss_and_grads, {"n": 0}
+    real, calls = runtime.loss_and_grads, {"n": 0}
 
     def crash(*a, **kw):
         calls["n"] += 1
@@ -411,7 +411,7 @@ def test_resume_takes_the_runs_own_settings(corpus, tmp_path, monkeypatch):
             raise Killed
         return real(*a, **kw)
 
-    monkeypatch.setattr(train.model, "loss_and_grads", crash)
+    monkeypatch.setattr(train.runtime, "loss_and_grads", crash)
     with pytest.raises(Killed):
         train.main(train_args(corpus, tmp_path / "run", *own))
     monkeypatch.undo()

@@ -10,7 +10,7 @@ import pytest
 
 import sample
 import train
-from minparcae import checkpoint, model
+from minparcae import checkpoint, runtime
 from runhelp import make_corpus, read_log, train_args
 
 
@@ -35,7 +35,7 @@ def test_training_lowers_the_loss(corpus, tmp_path):
 def crash_at(monkeypatch, n_calls, exc):
     """Make the n-th training step's gradient raise `exc` (a crash, or Ctrl-C with
     KeyboardInterrupt)."""
-    real, calls = model.loss_and_grads, {"n": 0}
+    real, calls = runtime.loss_and_grads, {"n": 0}
 
     def loss_and_grads(*a, **kw):
         calls["n"] += 1
@@ -43,7 +43,7 @@ def crash_at(monkeypatch, n_calls, exc):
             raise exc
         return real(*a, **kw)
 
-    monkeypatch.setattr(train.model, "loss_and_grads", loss_and_grads)
+    monkeypatch.setattr(train.runtime, "loss_and_grads", loss_and_grads)
 
 
 def comparable(log):
@@ -66,7 +66,7 @@ def test_resume_after_a_crash_reproduces_the_run(corpus, tmp_path, monkeypatch):
 def signal_at(monkeypatch, n_calls, signum=signal.SIGINT, times=1):
     """Deliver `signum` to this process `times` times during the n-th training step, as Ctrl-C
     (SIGINT) or a job scheduler (SIGTERM) would."""
-    real, calls = model.loss_and_grads, {"n": 0}
+    real, calls = runtime.loss_and_grads, {"n": 0}
 
     def loss_and_grads(*a, **kw):
         calls["n"] += 1
@@ -75,7 +75,7 @@ def signal_at(monkeypatch, n_calls, signum=signal.SIGINT, times=1):
                 os.kill(os.getpid(), signum)
         return real(*a, **kw)
 
-    monkeypatch.setattr(train.model, "loss_and_grads", loss_and_grads)
+    monkeypatch.setattr(train.runtime, "loss_and_grads", loss_and_grads)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -98,7 +98,7 @@ def test_a_signal_finishes_the_step_saves_it_and_resume_continues(corpus, tmp_pa
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
-    real = model.loss_and_grads
+    real = runtime.loss_and_grads
     calls = {"n": 0}
 
     def loss_and_grads(*a, **kw):
@@ -108,7 +108,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path, monkey
             grads["wte"][0, 0] = np.nan
         return loss, grads, diag
 
-    monkeypatch.setattr(train.model, "loss_and_grads", loss_and_grads)
+    monkeypatch.setattr(train.runtime, "loss_and_grads", loss_and_grads)
     with pytest.raises(SystemExit) as err:
         train.main(args(corpus, tmp_path, "--steps", "40"))
     msg = str(err.value)

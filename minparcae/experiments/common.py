@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .. import backend, data, model, optim
+from .. import backend, data, kernels, model, optim
 
 SPIKE = 1.0  # nats above the best smoothed loss: a spike, and at the end of a run, a divergence
 
@@ -166,7 +166,8 @@ def train_run(spec, dataset=None):
     ds = dataset if dataset is not None else _dataset(spec["data"])
     cfg = model.Config.from_dict(spec["config"])
     params = model.init_params(cfg, seed=spec["seed"], dtype=np.float32)
-    opt = optim.AdamW(weight_decay=spec["weight_decay"])
+    ops = kernels.for_array(params["wte"])
+    opt = optim.AdamW(weight_decay=spec["weight_decay"], update=kernels.adamw_update(params["wte"]))
     rng = np.random.default_rng(spec["seed"])
     steps, B = spec["steps"], spec["batch_size"]
     hist = {k: [] for k in ("loss", "grad_norm", "rho", "state_norm", "loop_steps")}
@@ -178,10 +179,11 @@ def train_run(spec, dataset=None):
             lr = optim.lr_at(step, steps, spec["lr"], spec["warmup"], spec["schedule"])
             x, y = data.get_batch(ds.train, B, cfg.context, rng)
             depths = model.sample_depths(rng, B, cfg)
-            # the whole batch at once, not model.loss_and_grads: its split of the batch over the
+            # the whole batch at once, not runtime.loss_and_grads: its split of the batch over the
             # cores changes how the gradient's sums are rounded with the number of cores, and
             # a run's numbers should not depend on the machine or on --jobs
-            loss, cache, diag = model.forward(params, cfg, x, y, depths=depths, rng=rng, train=True)
+            loss, cache, diag = model.forward(params, cfg, x, y, depths=depths, rng=rng, train=True,
+                                              ops=ops)
             grads = model.backward(params, cfg, cache)
             del cache
             grad_norm = optim.clip_grad_norm(grads, spec["clip"])
@@ -209,7 +211,7 @@ def train_run(spec, dataset=None):
 
     def val(n_loops=None):
         batches = data.iter_eval_batches(ds.val, B, cfg.context, spec["eval_batches"])
-        return float(model.evaluate(params, cfg, batches, n_loops=n_loops))
+        return float(model.evaluate(params, cfg, batches, n_loops=n_loops, ops=ops))
 
     with np.errstate(over="ignore", invalid="ignore"):
         rec["val_loss"] = val()

@@ -1,7 +1,8 @@
-"""GPU kernels: Numba CUDA versions of the ops' hot paths, float32 (contracts in kernels/__init__.py).
+"""GPU kernels: Numba CUDA versions of the ops' hot paths, float32, and at the end of the file the
+op replacements that kernels.select gives the model on a GPU (`REPLACEMENTS`).
 
-Each public function below is a launch wrapper: it takes arrays, allocates its outputs with the array
-module of its input and launches a `cuda.jit` kernel. On a GPU the arrays are CuPy arrays and the
+Each public function before them is a launch wrapper: it takes arrays, allocates its outputs with
+the array module of its input and launches a `cuda.jit` kernel. On a GPU the arrays are CuPy arrays and the
 kernel runs on CuPy's current stream; under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, how the
 tests check these kernels on a CPU) they are NumPy arrays and the same wrapper runs unchanged.
 Matrix products are not here: they stay on cuBLAS.
@@ -22,11 +23,23 @@ simulator, through an emulation of their own: tests/cudasim.py.)
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float32
 
 from ..backend import array_module
+from ..ops import attention as ops_attention
+from ..ops import cross_entropy as ops_cross_entropy
+from ..ops import embedding as ops_embedding
+from ..ops import injection as ops_injection
+from ..ops import linear as ops_linear
+from ..ops import mlp as ops_mlp
+from ..ops import qk_norm as ops_qk_norm
+from ..ops import rmsnorm as ops_rmsnorm
+from ..ops import rotary as ops_rotary
+from ..ops.linear import rows_matmul
+from . import replace
 
 WARP_SHUFFLES = hasattr(cuda, "shfl_xor_sync")  # False under the simulator
 MAX_THREADS = 256  # threads of a row kernel's block (a power of two, at least a warp)
@@ -747,11 +760,119 @@ def attention_backward(dy, cache):
     return dq.reshape(dy.shape), dk.reshape(dy.shape), dv.reshape(dy.shape)
 
 
-_F32 = {np.dtype(np.float32)}
-KERNELS = {name: (func, _F32) for name, func in {
-    "rmsnorm_forward": rmsnorm_forward, "rmsnorm_backward": rmsnorm_backward, "rotary": rotary,
-    "relu2_forward": relu2_forward, "softmax_xent": softmax_xent, "scatter_add": scatter_add,
-    "attention_forward": attention_forward, "attention_backward": attention_backward,
-    "add_rmsnorm_forward": add_rmsnorm_forward, "relu2_backward": relu2_backward,
-    "injection_forward": injection_forward, "injection_backward": injection_backward,
-    "adamw_step": adamw_step}.items()}
+# ----------------------------------------------------------------------------- the op replacements
+#
+# The launch wrappers above, arranged as whole ops with the signatures of minparcae/ops (what
+# kernels.select hands the model on a GPU). float32 only: select gives float64 the reference.
+
+class AttentionCache(NamedTuple):
+    q: object  # (N·H, T, hs) each, the key/value heads repeated for the query heads that read them
+    k: object
+    v: object
+    y: object
+    lse: object  # each query row's log Σ exp of its scores, (N·H, T): the flash cache
+    scale: object
+    tiles: tuple
+    group: int
+    shape: tuple  # q's (N, H, T, hs)
+
+
+def _attention_forward(q, k, v, scale, kv=None):
+    if kv is not None:  # decoding: one query row at a time, the reference is as good
+        return ops_attention.forward(q, k, v, scale, kv)
+    xp = array_module(q)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = xp.repeat(k, group, axis=1), xp.repeat(v, group, axis=1)
+    y, (q3, k3, v3, y3, lse, scale, tiles) = attention_forward(q, k, v, scale)
+    return y, AttentionCache(q3, k3, v3, y3, lse, scale, tiles, group, q.shape)
+
+
+def _attention_backward(dy, cache):
+    N, H, T, hs = cache.shape
+    dq, dk, dv = attention_backward(dy, tuple(cache[:7]))
+    if cache.group > 1:
+        dk = dk.reshape(N, H // cache.group, cache.group, T, hs).sum(axis=2)
+        dv = dv.reshape(N, H // cache.group, cache.group, T, hs).sum(axis=2)
+    return {"q": dq, "k": dk, "v": dv}
+
+
+def _rmsnorm_op_forward(x, weight=None, eps=ops_rmsnorm.EPS):
+    y, xhat, r = rmsnorm_forward(x, weight, eps)
+    return y, ops_rmsnorm.Cache(xhat, r, weight)
+
+
+def _rmsnorm_op_add_forward(x, res, weight=None, eps=ops_rmsnorm.EPS):
+    s, y, xhat, r = add_rmsnorm_forward(x, res, weight, eps)
+    return s, y, ops_rmsnorm.Cache(xhat, r, weight)
+
+
+def _rmsnorm_op_backward(dout, cache, dres=None):
+    dx, dweight = rmsnorm_backward(dout, cache.xhat, cache.r, cache.weight, dres)
+    return {"x": dx} if cache.weight is None else {"x": dx, "weight": dweight}
+
+
+def _qk_norm_forward(x, cos, sin, eps=ops_rmsnorm.EPS):
+    rotated = rotary(x.transpose(0, 2, 1, 3), cos, sin)  # the kernel reads the strided heads
+    y, cache = _rmsnorm_op_forward(rotated, None, eps)
+    return y, ops_qk_norm.Cache(cache, ops_rotary.Cache(cos, sin))
+
+
+def _qk_norm_backward(dy, cache):
+    d_rotated = _rmsnorm_op_backward(dy, cache.norm)["x"]
+    return {"x": rotary(d_rotated, cache.rope.cos, -cache.rope.sin).transpose(0, 2, 1, 3)}
+
+
+def _mlp_forward(x, w_fc, w_proj):
+    u = rows_matmul(x, w_fc)
+    a, g = relu2_forward(u)
+    return rows_matmul(g, w_proj), ops_mlp.Cache(ops_linear.Cache(x, w_fc), ops_linear.Cache(g, w_proj), a)
+
+
+def _mlp_backward(dout, cache):
+    g_proj = ops_linear.backward(dout, cache.proj)
+    g_fc = ops_linear.backward(relu2_backward(g_proj["x"], cache.a), cache.fc)
+    return {"x": g_fc["x"], "w_fc": g_fc["w"], "w_proj": g_proj["w"]}
+
+
+def _cross_entropy_forward(logits, targets, ignore_index=ops_cross_entropy.IGNORE_INDEX, scale=1.0,
+                           softcap=None):
+    z, y, valid, n_valid = ops_cross_entropy.prepare(logits, targets, ignore_index, scale, softcap)
+    loss_rows, grad = softmax_xent(z, y, valid, n_valid)
+    return ops_cross_entropy.finish(loss_rows, grad, z, n_valid, logits.shape, scale, softcap)
+
+
+def _state_forward(kind, p, h, u):
+    if kind != "diagonal":
+        return ops_injection.state_forward(kind, p, h, u)
+    A_bar, delta, a = ops_injection.diagonal_decay(p["inject.A_log"], p["inject.dt_bias"])
+    return injection_forward(h, u, A_bar), ops_injection.StateCache(kind, h, A_bar, delta, a)
+
+
+def _state_backward(dx, cache, p):
+    kind, h, A_bar, delta, a = cache
+    if kind != "diagonal":
+        return ops_injection.state_backward(dx, cache, p)
+    dh, dA_bar = injection_backward(dx, h, A_bar)
+    g = dA_bar * A_bar
+    return {"h": dh, "u": dx, "inject.A_log": -g * delta * a,
+            "inject.dt_bias": -g * a * ops_injection.sigmoid(p["inject.dt_bias"])}
+
+
+def _embedding_backward(dout, cache):
+    xp = array_module(dout)
+    dtable = xp.zeros(cache.shape, dtype=dout.dtype)
+    scatter_add(dtable, cache.ids.reshape(-1), dout.reshape(-1, cache.shape[1]))
+    return {"table": dtable}
+
+
+REPLACEMENTS = {
+    "attention": replace(ops_attention, forward=_attention_forward, backward=_attention_backward),
+    "rmsnorm": replace(ops_rmsnorm, forward=_rmsnorm_op_forward, add_forward=_rmsnorm_op_add_forward,
+                       backward=_rmsnorm_op_backward),
+    "qk_norm": replace(ops_qk_norm, forward=_qk_norm_forward, backward=_qk_norm_backward),
+    "mlp": replace(ops_mlp, forward=_mlp_forward, backward=_mlp_backward),
+    "cross_entropy": replace(ops_cross_entropy, forward=_cross_entropy_forward),
+    "injection": replace(ops_injection, state_forward=_state_forward, state_backward=_state_backward),
+    "embedding": replace(ops_embedding, backward=_embedding_backward),
+}

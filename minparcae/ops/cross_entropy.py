@@ -14,12 +14,53 @@ rule through the cap (1 − tanh²) and the scale:
     dL/dlogits_i = (1/N) · s · (1 − (z_i / c)²) ⊙ (softmax(z_i) − onehot(y_i))   (valid rows; 0 otherwise)
 
 If every target is ignored the loss is defined as 0 with zero gradient (an empty mean).
+
+`loss` is the evaluation: L alone. `forward` is training's: L and, in its cache, softmax − onehot
+already divided by N, since the loss and the gradient need the same exponentials; the (N, V)
+gradient is the size of the logits, so evaluation never makes it.
 """
 
-from .. import kernels
+from typing import NamedTuple
+
 from ..backend import array_module
 
 IGNORE_INDEX = -1
+
+
+class Cache(NamedTuple):
+    grad: object  # (softmax z − onehot y) / N on valid rows, 0 elsewhere: (N, V)
+    z: object  # the capped logits (N, V) when there is a cap, else None
+    shape: tuple  # the logits' shape
+    scale: float
+    softcap: object  # c, or None
+
+
+def prepare(logits, targets, ignore_index=IGNORE_INDEX, scale=1.0, softcap=None):
+    """z (N, V) from the logits, and per row the target (0 where ignored), whether it counts, and
+    the number N of rows that count (at least 1)."""
+    xp = array_module(logits)
+    z = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    if scale != 1.0:  # a copy of the logits only when it changes them
+        z = z * scale
+    if softcap is not None:
+        z = softcap * xp.tanh(z / softcap)
+    y = targets.reshape(-1)
+    valid = y != ignore_index
+    return xp.ascontiguousarray(z), xp.where(valid, y, 0), valid, max(int(valid.sum()), 1)
+
+
+def _logsumexp(z):
+    xp = array_module(z)
+    m = z.max(axis=-1, keepdims=True)
+    return (xp.log(xp.exp(z - m).sum(axis=-1, keepdims=True)) + m)[:, 0]
+
+
+def loss(logits, targets, ignore_index=IGNORE_INDEX, scale=1.0, softcap=None):
+    """L as a Python float, without the gradient."""
+    xp = array_module(logits)
+    z, y, valid, n_valid = prepare(logits, targets, ignore_index, scale, softcap)
+    rows = xp.where(valid, _logsumexp(z) - z[xp.arange(z.shape[0]), y], 0.0)
+    return float(rows.sum() / n_valid)
 
 
 def softmax_xent(z, targets, valid, n_valid):
@@ -39,23 +80,16 @@ def softmax_xent(z, targets, valid, n_valid):
 
 
 def forward(logits, targets, ignore_index=IGNORE_INDEX, scale=1.0, softcap=None):
-    """logits: (..., V) float; targets: (...) ints. Returns the scalar mean loss (0-d array)."""
-    xp = array_module(logits)
-    V = logits.shape[-1]
-    z = logits.reshape(-1, V)  # (N, V)
-    if scale != 1.0:  # a copy of the logits only when it changes them
-        z = z * scale
-    if softcap is not None:
-        z = softcap * xp.tanh(z / softcap)
-    y = targets.reshape(-1)
-    valid = y != ignore_index
-    y_safe = xp.where(valid, y, 0)
-    n_valid = max(int(valid.sum()), 1)  # an empty mean divides by 1
-    kernel = kernels.fast("softmax_xent", z) or softmax_xent
-    loss_rows, grad = kernel(xp.ascontiguousarray(z), y_safe, valid, n_valid)
-    loss = loss_rows.sum() / z.dtype.type(n_valid)
-    cache = (grad, z if softcap is not None else None, logits.shape, scale, softcap)
-    return loss, cache
+    """logits: (..., V) float; targets: (...) ints. Returns L as a Python float, and the cache."""
+    z, y, valid, n_valid = prepare(logits, targets, ignore_index, scale, softcap)
+    loss_rows, grad = softmax_xent(z, y, valid, n_valid)
+    return finish(loss_rows, grad, z, n_valid, logits.shape, scale, softcap)
+
+
+def finish(loss_rows, grad, z, n_valid, shape, scale, softcap):
+    """The mean loss and the cache, from softmax_xent's results."""
+    cache = Cache(grad, z if softcap is not None else None, shape, scale, softcap)
+    return float(loss_rows.sum() / z.dtype.type(n_valid)), cache
 
 
 def backward(dloss, cache):

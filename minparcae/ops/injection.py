@@ -23,13 +23,29 @@ Backward of the diagonal kind, with a = exp(A_log), G = dL/dx (summed over batch
 Matrices are stored (in, out): B is (d, d_h), W is (d_h + d, d_h) with the h rows first.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 
-from .. import kernels
 from ..backend import array_module, to_host
 from .linear import rows_matmul, rows_t_matmul
 
 KINDS = ("diagonal", "linear", "add")
+
+
+class InputCache(NamedTuple):
+    kind: str
+    e: object = None  # (B, T, d), the loop's input (diagonal and linear)
+    eB: object = None  # e B (diagonal)
+    delta: object = None  # Δ (diagonal)
+
+
+class StateCache(NamedTuple):
+    kind: str
+    h: object = None  # (N, T, d_h), the state entering the step (diagonal and linear)
+    A_bar: object = None  # Ā (diagonal), and the Δ and a = exp(A_log) it was made from
+    delta: object = None
+    a: object = None
 
 
 def softplus(x):
@@ -65,25 +81,23 @@ def input_forward(kind, p, e):
     if kind == "diagonal":
         delta = softplus(p["inject.dt_bias"])
         eB = rows_matmul(e, p["inject.B"])
-        return delta * eB, (kind, e, eB, delta)
+        return delta * eB, InputCache(kind, e, eB, delta)
     if kind == "linear":
         W = p["inject.W"]
-        return rows_matmul(e, W[W.shape[1]:]), (kind, e)
-    return e, (kind,)
+        return rows_matmul(e, W[W.shape[1]:]), InputCache(kind, e)
+    return e, InputCache(kind)
 
 
 def input_backward(du, cache, p):
     """Gradients of u's inputs: e and the injection parameters u depends on."""
-    kind = cache[0]
+    kind, e, eB, delta = cache
     if kind == "diagonal":
-        _, e, eB, delta = cache
         g = du * delta  # (B, T, d_h)
         d_delta = (du * eB).reshape(-1, eB.shape[-1]).sum(axis=0)
         return {"e": rows_matmul(g, p["inject.B"].T),
                 "inject.B": rows_t_matmul(e, g),
                 "inject.dt_bias": d_delta * sigmoid(p["inject.dt_bias"])}
     if kind == "linear":
-        _, e = cache
         W = p["inject.W"]
         d_h = W.shape[1]
         xp = array_module(W)
@@ -97,30 +111,22 @@ def state_forward(kind, p, h, u):
     """x = Ā h + u, the input of one pass of the recurrent block: h, u (N, T, d_h) -> (N, T, d_h)."""
     if kind == "diagonal":
         A_bar, delta, a = diagonal_decay(p["inject.A_log"], p["inject.dt_bias"])
-        kernel = kernels.fast("injection_forward", h)
-        x = kernel(h, u, A_bar) if kernel is not None else A_bar * h + u
-        return x, (kind, h, A_bar, delta, a)
+        return A_bar * h + u, StateCache(kind, h, A_bar, delta, a)
     if kind == "linear":
         W = p["inject.W"]
-        return rows_matmul(h, W[: W.shape[1]]) + u, (kind, h)
-    return h + u, (kind,)
+        return rows_matmul(h, W[: W.shape[1]]) + u, StateCache(kind, h)
+    return h + u, StateCache(kind)
 
 
 def state_backward(dx, cache, p):
     """dL/dh, dL/du (= dx) and the gradients of the state map's parameters."""
-    kind = cache[0]
+    kind, h, A_bar, delta, a = cache
     if kind == "diagonal":
-        _, h, A_bar, delta, a = cache
-        kernel = kernels.fast("injection_backward", dx)
-        if kernel is not None:
-            dh, dA_bar = kernel(dx, h, A_bar)
-        else:
-            dh, dA_bar = dx * A_bar, (dx * h).reshape(-1, h.shape[-1]).sum(axis=0)  # (d_h,)
+        dh, dA_bar = dx * A_bar, (dx * h).reshape(-1, h.shape[-1]).sum(axis=0)  # (d_h,)
         g = dA_bar * A_bar
         return {"h": dh, "u": dx, "inject.A_log": -g * delta * a,
                 "inject.dt_bias": -g * a * sigmoid(p["inject.dt_bias"])}
     if kind == "linear":
-        _, h = cache
         W = p["inject.W"]
         d_h = W.shape[1]
         xp = array_module(W)

@@ -15,9 +15,9 @@ Because it preserves each pair's length it also preserves ‖x‖, which is why 
 with it.
 """
 
-import numpy as np
+from typing import NamedTuple
 
-from .. import kernels
+import numpy as np
 
 BASE = 50_000.0
 
@@ -31,11 +31,13 @@ def tables(n_pos, head_size, base=BASE, offset=0, xp=np, dtype=np.float32):
     return xp.asarray(np.cos(angles), dtype=dtype), xp.asarray(np.sin(angles), dtype=dtype)
 
 
-def _rotate(x, cos, sin):
+class Cache(NamedTuple):
+    cos: object  # (T, hs/2)
+    sin: object
+
+
+def rotate(x, cos, sin):
     """Rotate adjacent pairs of x (..., T, hs) by the angles whose cos/sin are (T, hs/2)."""
-    kernel = kernels.fast("rotary", x)
-    if kernel is not None:
-        return kernel(x, cos, sin)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     y = x.copy()
     y[..., 0::2] = x1 * cos - x2 * sin
@@ -45,9 +47,8 @@ def _rotate(x, cos, sin):
 
 def forward(x, cos, sin):
     """x: (B, H, T, hs); cos, sin: (T, hs/2)."""
-    return _rotate(x, cos, sin), (cos, sin)
+    return rotate(x, cos, sin), Cache(cos, sin)
 
 
 def backward(dout, cache):
-    cos, sin = cache
-    return {"x": _rotate(dout, cos, -sin)}
+    return {"x": rotate(dout, cache.cos, -cache.sin)}
