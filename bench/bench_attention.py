@@ -1,9 +1,10 @@
-"""The attention core alone (scores, causal softmax, P·V and their backward) on the CPU: the Numba
-+ BLAS kernel, the NumPy reference, and PyTorch's scaled_dot_product_attention.
+"""The attention core alone (scores, causal softmax, P·V and their backward) on the CPU: the fast
+path (kernels/cpu.py: row blocks, BLAS and two Numba passes), the reference (ops/attention.py), and
+PyTorch's scaled_dot_product_attention.
 
     python bench/bench_attention.py                          # the medium size's shape, (4, 6, 256, 64)
     python bench/bench_attention.py --shape 8,4,128,32       # tiny
-    OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python bench/bench_attention.py
+    OPENBLAS_NUM_THREADS=1 python bench/bench_attention.py
 
 Each implementation runs forward then backward on the same float32 q, k, v, dy; they take turns,
 and the table gives the median of --repeats turns. PyTorch gets as many threads as NumPy's BLAS.
@@ -16,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from bench_train import blas_threads
+from minparcae.runtime import threads as blas_threads
 from minparcae.kernels import cpu
 from minparcae.ops import attention
 
@@ -51,9 +52,8 @@ def main():
         torch.autograd.grad(y, (tq, tk, tv), tdy)
         return t1 - t0, time.perf_counter() - t1
 
-    runs = {"minparcae kernel": numpy_pair(cpu.attention_forward, cpu.attention_backward),
-            "NumPy reference": numpy_pair(attention.causal_attention_forward,
-                                          attention.causal_attention_backward),
+    runs = {"minparcae fast path": numpy_pair(cpu.forward, cpu.backward),
+            "minparcae reference": numpy_pair(attention.forward, attention.backward),
             "torch SDPA": torch_run}
     times = {name: [] for name in runs}
     for run in runs.values():

@@ -1,6 +1,6 @@
-"""The matrix products of a training step alone: NumPy's BLAS (OpenBLAS in the PyPI wheels),
-minparcae's `matmul` kernel (the same BLAS, one thread per slice of the output) and PyTorch's
-(MKL in its x86 CPU wheels), on the shapes a size's step multiplies, float32.
+"""The matrix products of a training step alone: NumPy's BLAS (OpenBLAS in the PyPI wheels, what
+minparcae multiplies with) and PyTorch's (MKL in its x86 CPU wheels), on the shapes a size's step
+multiplies, float32.
 
     python bench/bench_gemm.py                               # medium, as many threads as BLAS
     OPENBLAS_NUM_THREADS=1 python bench/bench_gemm.py        # one thread on every side
@@ -18,8 +18,7 @@ import time
 import numpy as np
 import torch
 
-from bench_train import blas_threads
-from minparcae.kernels import cpu
+from minparcae.runtime import threads as blas_threads
 from sizes import SIZES
 
 
@@ -47,14 +46,13 @@ def main():
     rng = np.random.default_rng(0)
     print(f"{args.size}: {batch} × {cfg.context} rows; BLAS and PyTorch threads {threads}; float32; "
           f"GFLOP/s, median of {args.repeats} turns of {args.calls} products\n")
-    print("| product | (M, K) × (K, N) | NumPy | minparcae matmul | PyTorch | PyTorch / NumPy |")
-    print("|---|---|---|---|---|---|")
+    print("| product | (M, K) × (K, N) | NumPy | PyTorch | PyTorch / NumPy |")
+    print("|---|---|---|---|---|")
     for name, sa, sb in shapes(cfg, batch * cfg.context):
         a = rng.standard_normal(sa, dtype=np.float32)
         b = rng.standard_normal(sb, dtype=np.float32)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        runs = {"numpy": lambda: a @ b, "minparcae": lambda: cpu.matmul(a, b),
-                "torch": lambda: torch.mm(ta, tb)}
+        runs = {"numpy": lambda: a @ b, "torch": lambda: torch.mm(ta, tb)}
         flops = 2.0 * sa[0] * sa[1] * sb[1] * args.calls
         rates = {k: [] for k in runs}
         for _ in range(args.repeats):
@@ -66,8 +64,8 @@ def main():
                     run()
                 rates[k].append(flops / (time.perf_counter() - t0) / 1e9)
         med = {k: statistics.median(v) for k, v in rates.items()}
-        print(f"| {name} | {sa} × {sb} | {med['numpy']:.0f} | {med['minparcae']:.0f} | "
-              f"{med['torch']:.0f} | {med['torch'] / med['numpy']:.2f} |", flush=True)
+        print(f"| {name} | {sa} × {sb} | {med['numpy']:.0f} | {med['torch']:.0f} | "
+              f"{med['torch'] / med['numpy']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

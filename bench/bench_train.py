@@ -23,11 +23,9 @@ temporaries of one step:
   gpu  PyTorch: torch.cuda.max_memory_allocated − memory_allocated at the start of the step;
        minparcae: the same count for CuPy's memory pool, kept by a memory hook (bytes handed out
        minus bytes returned, highest value during the step).
-Threads on CPU: PyTorch gets as many threads as NumPy's BLAS (OpenBLAS) is set to; minparcae's
-products and attention jobs use that many threads of its own pool (BLAS single-threaded inside
-each), and its Numba kernels Numba's thread count. Both are printed above the table.
-OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 gives a one-thread comparison, the steadiest on a
-shared machine.
+Threads on CPU: PyTorch gets as many threads as NumPy's BLAS (OpenBLAS) is set to, and minparcae
+splits the batch over that many threads (minparcae/runtime.py; BLAS single-threaded inside each).
+OPENBLAS_NUM_THREADS=1 gives a one-thread comparison, the steadiest on a shared machine.
 """
 
 import argparse
@@ -41,7 +39,7 @@ import numpy as np
 import torch
 
 import torch_parcae
-from minparcae import backend, model, optim
+from minparcae import backend, kernels, model, optim, runtime
 from sizes import SIZES
 
 LR = 1e-4  # small: the parameters should stay sane over many timed steps
@@ -71,19 +69,6 @@ def parse_args():
     if args.device == "gpu" and not (torch.cuda.is_available() and backend.gpu_available()):
         ap.error("--device gpu needs a CUDA build of PyTorch and CuPy (minparcae[gpu]) on an NVIDIA GPU")
     return args
-
-
-def blas_threads():
-    """Threads of the OpenBLAS that NumPy loaded (read from the library, as set at start-up)."""
-    with open("/proc/self/maps") as f:
-        paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for symbol in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-                       "openblas_get_num_threads"):
-            if hasattr(lib, symbol):
-                return getattr(lib, symbol)()
-    raise RuntimeError("NumPy is not linked to OpenBLAS here: set the thread counts by hand.")
 
 
 def status_kib(key):
@@ -132,10 +117,11 @@ def cupy_peak_bytes(step):
 
 
 def minparcae_step(cfg, params, ids, targets, depths, h0):
-    opt = optim.AdamW()
+    ops = kernels.for_array(params["wte"])
+    opt = optim.AdamW(update=kernels.adamw_update(params["wte"]))
 
     def step():  # what train.py does: on the CPU the batch is split over the threads
-        _, grads, _ = model.loss_and_grads(params, cfg, ids, targets, depths=depths, h0=h0)
+        _, grads, _ = runtime.loss_and_grads(params, cfg, ids, targets, depths=depths, h0=h0, ops=ops)
         opt.step(params, grads, LR)
     return step
 
@@ -220,7 +206,7 @@ def main():
     args = parse_args()
     backend.use_device(args.device)
     if args.device == "cpu":
-        torch.set_num_threads(blas_threads())
+        torch.set_num_threads(runtime.threads())
     rows = []
     for size in args.sizes.split(","):
         base, default_batch = SIZES[size]
@@ -232,10 +218,8 @@ def main():
             print(f"{size} μ_rec {loops}: " + ", ".join(f"{k} {statistics.median(v) * 1e3:.0f} ms"
                                                           for k, v in times.items()), flush=True)
     if args.device == "cpu":
-        import numba
-        setup = (f"cpu: NumPy BLAS (OpenBLAS) threads {blas_threads()}, PyTorch threads "
-                 f"{torch.get_num_threads()}, Numba threads {numba.get_num_threads()} "
-                 f"(threading layer {numba.threading_layer()})")
+        setup = (f"cpu: minparcae threads (NumPy's OpenBLAS) {runtime.threads()}, PyTorch threads "
+                 f"{torch.get_num_threads()}")
     else:
         setup = f"gpu: {torch.cuda.get_device_name()}"
     setup += f"; float32; medians of {args.repeats} alternating steps; torch {torch.__version__}, numpy {np.__version__}"

@@ -3,13 +3,13 @@
     python bench/profile_step.py                      # tiny, μ_rec 4, μ_bwd 2, 8 × 128 tokens
     python bench/profile_step.py --size medium --loops 16 --steps 3
 
-Every op's forward and backward, every fast-path kernel, the model's own code and the optimiser
-run inside a timer. The timers nest, and each reports its exclusive time: a call's duration minus
-that of the timed calls inside it. With the kernels on, every large matrix product goes through
-the `matmul` kernel, so `kernel:matmul` is the BLAS time; `attention.forward` is then what is left
-of the op (reshapes, the head split, the gate), and `model.*` is what model.py does itself
-(residual adds, the loop's bookkeeping). The categories group those rows. With
-MINPARCAE_KERNELS=0 the products are counted in the ops that make them.
+Every function of every op in the step's op set (the CPU's fast set, or the reference with
+MINPARCAE_KERNELS=0), the model's own functions and the optimiser run inside a timer. The timers
+nest, and each reports its exclusive time: a call's duration minus that of the timed calls inside
+it. The layers' products go through `linear`, so `linear.*` is the BLAS time of the projections
+and the MLP; `mlp.*` is then its ReLU² alone, and `model.*` is what model.py does itself (the
+head's product, residual adds, the attention layer's head split and merge and gate, the loop's
+bookkeeping). The categories group those rows.
 """
 
 import argparse
@@ -22,25 +22,19 @@ from dataclasses import replace
 import numpy as np
 
 from minparcae import backend, kernels, model, optim
-from minparcae.ops import attention, cross_entropy, embedding, injection, linear, mlp, rmsnorm, rotary
 from sizes import SIZES
 
 CATEGORY = {  # row label prefix -> category
-    "kernel:matmul": "matrix products (q/k/v/o, MLP, lm head, C, injection)",
-    "linear.": "op glue (reshapes, head split and merge, q/k/v weights side by side, gate)",
-    "attention.forward": "op glue (reshapes, head split and merge, q/k/v weights side by side, gate)",
-    "attention.backward": "op glue (reshapes, head split and merge, q/k/v weights side by side, gate)",
-    "model.": "model code (residual adds, loop bookkeeping)",
-    "attention.causal_attention": "attention core (scores, softmax, P·V)",
-    "kernel:attention": "attention core (scores, softmax, P·V)",
+    "linear.": "matrix products (q/k/v/o, MLP, C, injection)",
+    "model.": "model code (lm head product, residual adds, head split and merge, gate, loop bookkeeping)",
+    "attention.": "attention core (scores, softmax, P·V)",
     "cross_entropy.": "cross-entropy",
-    "kernel:softmax_xent": "cross-entropy",
     "embedding.": "embeddings (gather, scatter-add)",
-    "kernel:scatter_add": "embeddings (gather, scatter-add)",
     "optim.": "optimiser (AdamW)",
-    "kernel:adamw": "optimiser (AdamW)",
 }
-ELEMENTWISE = "elementwise / row-wise (norms, rotary, ReLU², injection)"
+ELEMENTWISE = "elementwise / row-wise (norms, QK-norm with rotary, ReLU², injection)"
+OP_FUNCTIONS = ("forward", "backward", "add_forward", "loss", "input_forward", "input_backward",
+                "state_forward", "state_backward")
 
 
 class OpTimer:
@@ -70,28 +64,17 @@ class OpTimer:
         setattr(module, name, self.wrap(label, getattr(module, name)))
 
 
-def instrument(timer):
-    for module, label in ((linear, "linear"), (mlp, "mlp"), (attention, "attention"),
-                          (rmsnorm, "rmsnorm"), (rotary, "rotary"), (embedding, "embedding"),
-                          (cross_entropy, "cross_entropy")):
-        for fn in ("forward", "backward"):
-            timer.patch(module, fn, f"{label}.{fn}")
-    for fn in ("causal_attention_forward", "causal_attention_backward"):
-        timer.patch(attention, fn, f"attention.{fn}")
-    for fn in ("input_forward", "input_backward", "state_forward", "state_backward"):
-        timer.patch(injection, fn, f"injection.{fn}")
-    for fn in ("forward", "backward", "block_forward", "block_backward", "loop_forward", "loop_backward"):
+def instrument(timer, ops, opt):
+    """Wrap every function of the op set's ops, the model's functions and the optimiser's update in
+    timers (the op modules and namespaces are patched in place: this is a one-off script)."""
+    for name, op in ops._asdict().items():
+        for fn in OP_FUNCTIONS:
+            if callable(getattr(op, fn, None)):
+                timer.patch(op, fn, f"{name}.{fn}")
+    for fn in ("forward", "backward", "block_forward", "block_backward", "attention_forward",
+               "attention_backward", "coda_forward", "loop_forward", "loop_backward"):
         timer.patch(model, fn, f"model.{fn}")
-    timer.patch(optim.AdamW, "step", "optim.AdamW.step")
-    fast, timed_kernels = kernels.fast, {}
-
-    @functools.wraps(fast)
-    def timed_fast(name, x):
-        kernel = fast(name, x)
-        if kernel is not None and kernel not in timed_kernels:
-            timed_kernels[kernel] = timer.wrap(f"kernel:{name}", kernel)
-        return timed_kernels.get(kernel)
-    kernels.fast = timed_fast
+    opt.update = timer.wrap("optim.adamw_update", opt.update)
 
 
 def category(label):
@@ -118,17 +101,20 @@ def main():
     targets = backend.to_device(rng.integers(0, cfg.vocab_size, (B, T)))
     h0 = backend.to_device(model.initial_state(cfg, (B, T, cfg.d_h), "like-init", rng))
     depths = np.full(B, cfg.mean_recurrence)
-    params, opt = model.init_params(cfg, seed=0), optim.AdamW()
+    params = model.init_params(cfg, seed=0)
+    ops = kernels.for_array(params["wte"])
+    opt = optim.AdamW(update=kernels.adamw_update(params["wte"]))
 
     def step():
-        _, cache, _ = model.forward(params, cfg, ids, targets, depths=depths, h0=h0, train=True)
+        _, cache, _ = model.forward(params, cfg, ids, targets, depths=depths, h0=h0, train=True,
+                                    ops=ops)
         grads = model.backward(params, cfg, cache)
         del cache
         opt.step(params, grads, 1e-4)
 
     step()  # JIT compilation and the optimiser's state are not what we want to see
     timer = OpTimer(backend.synchronize)
-    instrument(timer)
+    instrument(timer, ops, opt)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()

@@ -13,7 +13,7 @@ next lessons run in float64.
 import numpy as np
 
 from minparcae import backend, kernels
-from minparcae.ops import injection, rmsnorm
+from minparcae.ops import REFERENCE, injection, rmsnorm
 
 # ---------------------------------------------------------------------------------------------
 # 1. Which device?
@@ -98,14 +98,16 @@ for dtype in (np.float32, np.float64):
     assert (err > 1e-3) if dtype is np.float32 else (err < 1e-9)
 
 # ---------------------------------------------------------------------------------------------
-# 4. Fast paths, and why these lessons switch them off.
+# 4. The reference, and the fast paths beside it.
 #
-# Some ops ask `kernels.fast(name, x)` for a compiled replacement on x's device (Numba on the CPU,
-# CUDA kernels on the GPU) and run their readable `xp` code when the answer is None. A replacement
-# must compute the same numbers. The lessons explain the readable code, so they run exactly that:
-# each one calls `kernels.use_kernels(False)` first. (At the toy sizes used here the compiled
-# versions would not be faster anyway.)
+# Every op in minparcae/ops is the readable reference, and the model runs an `Ops` set of them:
+# `ops.REFERENCE` unless it is handed another. `kernels.select(device)` hands it a set in which a
+# few ops are replaced by compiled versions with the same functions and the same numbers (on the
+# CPU the attention core; on a GPU most ops, as CUDA kernels). The lessons explain the reference,
+# so they run exactly that, the default: nothing to switch off.
 
-kernels.use_kernels(False)
-assert kernels.fast("rmsnorm_forward", np.zeros((2, 8), dtype=np.float32)) is None
+fast = kernels.select("cpu")
+replaced = [name for name in fast._fields if getattr(fast, name) is not getattr(REFERENCE, name)]
+print(f"replaced on the CPU: {', '.join(replaced)}; the reference elsewhere")
+assert getattr(REFERENCE, "rmsnorm") is rmsnorm and replaced
 print("lesson 1 passed")

@@ -12,11 +12,9 @@ two of them into the MLP that every transformer block contains.
 
 import numpy as np
 
-from minparcae import kernels
 from minparcae.gradcheck import check_op, numeric_grad, rel_error
 from minparcae.ops import linear, mlp
 
-kernels.use_kernels(False)  # run the readable reference code of each op (lesson 1)
 rng = np.random.default_rng(0)
 
 # ---------------------------------------------------------------------------------------------

@@ -11,11 +11,9 @@ why the forward subtracts a maximum, and checks both against minparcae's ops/cro
 
 import numpy as np
 
-from minparcae import kernels
 from minparcae.gradcheck import check_grads
 from minparcae.ops import cross_entropy
 
-kernels.use_kernels(False)  # run the readable reference code of each op (lesson 1)
 rng = np.random.default_rng(0)
 
 # ---------------------------------------------------------------------------------------------

@@ -11,11 +11,9 @@ normalisation cannot feel a change of scale, so its gradient has no component al
 
 import numpy as np
 
-from minparcae import kernels
 from minparcae.gradcheck import check_op, numeric_grad, rel_error
 from minparcae.ops import rmsnorm
 
-kernels.use_kernels(False)  # run the readable reference code of each op (lesson 1)
 rng = np.random.default_rng(0)
 
 # ---------------------------------------------------------------------------------------------

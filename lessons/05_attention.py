@@ -4,19 +4,21 @@
 
 Attention is how a token reads the tokens before it. Each position emits a query q, a key k and a
 value v; a position's output is an average of the values of earlier positions, weighted by how well
-their keys match its query. minparcae's attention (ops/attention.py) adds two details: rotary
-embeddings, which tell the dot product q·k how far apart two tokens are, and QK-norm, which keeps
-those dot products in a fixed range. This lesson builds the forward from its pieces, checks that
-the pieces do what they promise, and checks the backward with finite differences.
+their keys match its query. minparcae's attention layer (`model.attention_forward`, around the
+core in ops/attention.py) adds two details: rotary embeddings, which tell the dot product q·k how
+far apart two tokens are, and QK-norm, which keeps those dot products in a fixed range. This
+lesson builds the forward from its pieces, checks that the pieces do what they promise, and checks
+the backward with finite differences.
 """
+
+from types import SimpleNamespace
 
 import numpy as np
 
-from minparcae import kernels
+from minparcae import model
 from minparcae.gradcheck import check_grads, check_op
-from minparcae.ops import attention, rmsnorm, rotary
+from minparcae.ops import REFERENCE, attention, rmsnorm, rotary
 
-kernels.use_kernels(False)  # run the readable reference code of each op (lesson 1)
 rng = np.random.default_rng(0)
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +55,7 @@ assert abs(np.linalg.norm(at(q, 1003)) - np.linalg.norm(q)) < 1e-12   # rotation
 # (`rotary.backward` passes −sin). Rotating forward and then backward gives the input back:
 cos, sin = rotary.tables(5, hs, dtype=np.float64)
 x = rng.standard_normal((2, 3, 5, hs))
-back = rotary.backward(rotary.forward(x, cos, sin)[0], (cos, sin))["x"]
+back = rotary.backward(*rotary.forward(x, cos, sin))["x"]
 assert np.abs(back - x).max() < 1e-15
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ assert np.abs(back - x).max() < 1e-15
 #     S = q kᵀ / √hs,   S_ij = −∞ for j > i                  (B, H, T, T), causal
 #     P = softmax(S) over j,   Y = P v                      (B, H, T, hs)
 #     y = concat_heads(Y) W_o                               (B, T, d)
-# Below, the same lines written out with the library's pieces, then compared with the op.
+# Below, the same lines written out with the library's pieces, then compared with the layer.
 
 B, T, H, d = 2, 6, 2, 16
 hs = d // H
@@ -79,13 +81,22 @@ def heads(t):
     return t.reshape(B, T, H, hs).transpose(0, 2, 1, 3)
 
 
+def layer(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gate=None):
+    """model.attention_forward with the weights as arguments: the layer "L" of a parameter dict."""
+    p = {"L.attn.wq": wq, "L.attn.wk": wk, "L.attn.wv": wv, "L.attn.wo": wo, "L.attn.ve_gate": w_gate}
+    heads_of = SimpleNamespace(n_head=n_head, kv_heads=n_kv_head)
+    out, cache = model.attention_forward(p, "L", x, (cos, sin), heads_of, REFERENCE, ve)
+    return out, (cache, p)
+
+
 qh = rmsnorm.forward(rotary.forward(heads(x @ wq), cos, sin)[0])[0]
 kh = rmsnorm.forward(rotary.forward(heads(x @ wk), cos, sin)[0])[0]
 vh = heads(x @ wv)
-Yh, (_, _, _, P, _) = attention.causal_attention_forward(qh, kh, vh, 1 / hs**0.5)
+Yh, core_cache = attention.forward(qh, kh, vh, 1 / hs**0.5)
+P = core_cache.p.reshape(B, H, T, T)  # the core groups query heads under their key/value head
 y_pieces = Yh.transpose(0, 2, 1, 3).reshape(B, T, d) @ wo
-y_op, _ = attention.forward(x, wq, wk, wv, wo, cos, sin, n_head=H, n_kv_head=H)
-print(f"pieces vs attention.forward: max |difference| {np.abs(y_pieces - y_op).max():.1e}")
+y_op, _ = layer(x, wq, wk, wv, wo, cos, sin, n_head=H, n_kv_head=H)
+print(f"pieces vs model.attention_forward: max |difference| {np.abs(y_pieces - y_op).max():.1e}")
 assert np.abs(y_pieces - y_op).max() < 1e-14
 
 # Causality: P is lower triangular (position i gives no weight to j > i), so each output depends
@@ -94,7 +105,7 @@ assert np.abs(y_pieces - y_op).max() < 1e-14
 assert np.all(np.triu(P, 1) == 0) and np.allclose(P.sum(axis=-1), 1)
 x_changed = x.copy()
 x_changed[:, 3:] = rng.standard_normal((B, T - 3, d))
-y_changed, _ = attention.forward(x_changed, wq, wk, wv, wo, cos, sin, n_head=H, n_kv_head=H)
+y_changed, _ = layer(x_changed, wq, wk, wv, wo, cos, sin, n_head=H, n_kv_head=H)
 assert np.array_equal(y_changed[:, :3], y_op[:, :3])
 assert not np.allclose(y_changed[:, 3:], y_op[:, 3:])
 
@@ -129,7 +140,7 @@ assert S_normed <= hs**0.5 and S_raw > 1000
 #
 # The softmax line comes from its Jacobian. For one row p = softmax(s), ∂p_i/∂s_j = p_i(δ_ij − p_j),
 # i.e. J = diag(p) − p pᵀ, and J dp = p ⊙ dp − p (p·dp) = p ⊙ (dp − p·dp). Masked entries have
-# p = 0, so they receive no gradient. `causal_attention_backward`:
+# p = 0, so they receive no gradient. `attention.backward`:
 #
 #     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
 #
@@ -141,19 +152,27 @@ ds_row = p_row * (dp_row - (dp_row * p_row).sum())
 assert np.abs(J @ dp_row - ds_row).max() < 1e-15
 
 # Then the core, Y = softmax(q kᵀ/√hs) v, against finite differences:
-_, core_cache = attention.causal_attention_forward(qh, kh, vh, 1 / hs**0.5)
 R = rng.standard_normal(Yh.shape)
-dq, dk, dv = attention.causal_attention_backward(R, core_cache)
 core_in = {"q": qh.copy(), "k": kh.copy(), "v": vh.copy()}
-errors = check_grads(
-    lambda: float((attention.causal_attention_forward(**core_in, scale=1 / hs**0.5)[0] * R).sum()),
-    core_in, {"q": dq, "k": dk, "v": dv})
+errors = check_grads(lambda: float((attention.forward(**core_in, scale=1 / hs**0.5)[0] * R).sum()),
+                     core_in, attention.backward(R, core_cache))
 print("softmax(qkᵀ)v:", {k: f"{v:.1e}" for k, v in errors.items()})
 assert max(errors.values()) < 1e-8
 
-# And the whole op, every weight. Here with grouped-query attention: 4 query heads share 2
+# And the whole layer, every weight. Here with grouped-query attention: 4 query heads share 2
 # key/value heads (each K/V head's gradient is the sum over the query heads that read it), and with
 # the optional value embedding ve mixed into v through the gate 2σ(x[..., :n_g] W_g).
+# `model.attention_backward` adds the weights' gradients into a dict named like the parameters.
+
+
+def layer_backward(dout, state):
+    cache, p = state
+    grads = {name: np.zeros_like(w) for name, w in p.items()}
+    dx, dve = model.attention_backward(dout, cache, "L", grads, REFERENCE)
+    return {"x": dx, "ve": dve, "wq": grads["L.attn.wq"], "wk": grads["L.attn.wk"],
+            "wv": grads["L.attn.wv"], "wo": grads["L.attn.wo"], "w_gate": grads["L.attn.ve_gate"]}
+
+
 d, H, H_kv = 16, 4, 2
 hs = d // H
 cos, sin = rotary.tables(T, hs, dtype=np.float64)
@@ -164,8 +183,7 @@ inputs = {"x": rng.standard_normal((B, T, d)),
           "wo": rng.standard_normal((d, d)) / d**0.5,
           "ve": rng.standard_normal((B, T, H_kv * hs)),
           "w_gate": rng.standard_normal((8, H_kv))}
-worst, errors = check_op(attention.forward, attention.backward, inputs, cos=cos, sin=sin,
-                         n_head=H, n_kv_head=H_kv)
-print("attention.forward/backward:", {k: f"{v:.1e}" for k, v in errors.items()})
+worst, errors = check_op(layer, layer_backward, inputs, cos=cos, sin=sin, n_head=H, n_kv_head=H_kv)
+print("model.attention_forward/backward:", {k: f"{v:.1e}" for k, v in errors.items()})
 assert worst < 1e-8 and set(errors) == set(inputs)
 print("lesson 5 passed")

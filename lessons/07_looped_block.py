@@ -20,10 +20,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from minparcae import kernels, model
-from minparcae.ops import embedding, injection, rmsnorm, rotary
+from minparcae import model
+from minparcae.ops import REFERENCE, embedding, injection, rmsnorm, rotary
 
-kernels.use_kernels(False)  # run the readable reference code of each op (lesson 1)
 rng = np.random.default_rng(0)
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +58,7 @@ rope = rotary.tables(T_seq, cfg.d_model // cfg.n_head, cfg.rope_base, dtype=np.f
 # Prelude: embed, run the prelude blocks once, normalise. e is fixed for the whole loop.
 x, _ = embedding.forward(ids, p["wte"])                                  # (B, T_seq, d)
 for i in range(cfg.n_prelude):
-    x, _ = model.block_forward(p, f"prelude.{i}", x, rope, cfg)
+    x, _ = model.block_forward(p, f"prelude.{i}", x, rope, cfg, REFERENCE)
 e, _ = rmsnorm.forward(x, p["prelude_norm"])
 
 # Recurrence: h_t = R(Ā h_{t−1} + B̄ e). B̄e does not change between steps, so it is computed once
@@ -70,14 +69,14 @@ h = h0
 for _ in range(T):
     x, _ = injection.state_forward(cfg.injection, p, h, u)               # Ā h + B̄ e
     for i in range(cfg.n_recurrent):
-        x, _ = model.block_forward(p, f"core.{i}", x, rope, cfg)
+        x, _ = model.block_forward(p, f"core.{i}", x, rope, cfg, REFERENCE)
     h = x
 
 # Coda: map the state back to the model width with C, run the coda blocks, read out through the
 # tied embedding.
 x = h @ p["C"]
 for i in range(cfg.n_coda):
-    x, _ = model.block_forward(p, f"coda.{i}", x, rope, cfg)
+    x, _ = model.block_forward(p, f"coda.{i}", x, rope, cfg, REFERENCE)
 x, _ = rmsnorm.forward(x, p["final_norm"])
 logits_by_hand = x @ p["wte"].T                                          # (B, T_seq, V)
 

@@ -22,10 +22,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from minparcae import kernels, model
+from minparcae import model
 from minparcae.ops import injection
 
-kernels.use_kernels(False)  # run the readable reference code of each op (lesson 1)
 rng = np.random.default_rng(0)
 
 # A small model, one set of block weights shared by all three kinds (with noise added, as in

@@ -16,10 +16,9 @@ from dataclasses import replace
 import numpy as np
 
 from common import small_corpus, train
-from minparcae import data, kernels, model
+from minparcae import data, model
 from minparcae.gradcheck import check_grads, rel_error
 
-kernels.use_kernels(False)  # run the readable reference code of each op (lesson 1)
 rng = np.random.default_rng(0)
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +121,7 @@ nbytes = {}
 for name, c in (("truncated", cfg), ("full", replace(cfg, backprop_depth=S))):
     _, cache16, _ = model.forward(p32, c, ids16, targets16, depths=depths16, rng=rng, train=True)
     nbytes[name] = model.cache_nbytes(cache16, exclude=p32.values())
-    print(f"  {name:9s} backprop (μ_bwd = {c.backprop_depth:2d}): {len(cache16['steps']):2d} loop "
+    print(f"  {name:9s} backprop (μ_bwd = {c.backprop_depth:2d}): {len(cache16.steps):2d} loop "
           f"steps kept, {nbytes[name]:,} bytes of activations in all")
 assert S > cfg.backprop_depth and nbytes["full"] > nbytes["truncated"]
 

@@ -20,9 +20,8 @@ from dataclasses import replace
 import numpy as np
 
 from common import small_corpus, train
-from minparcae import data, kernels, model
+from minparcae import data, model
 
-kernels.use_kernels(False)  # run the readable reference code of each op (lesson 1)
 
 # ---------------------------------------------------------------------------------------------
 # 1. Fitting L(T) = L∞ + Z·e^(−zT).
