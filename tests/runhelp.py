@@ -1,7 +1,9 @@
 """What the tests of train.py and sample.py share: a small corpus, the flags of a tiny run on it,
-and the run's log."""
+the run's log, and signals sent from inside a run."""
 
 import json
+import os
+import signal
 import sysconfig
 from pathlib import Path
 
@@ -26,3 +28,18 @@ def train_args(corpus, out, *extra):
 
 def read_log(out):
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def signal_during(monkeypatch, target, name, n_call, signum=signal.SIGINT, times=1):
+    """Deliver `signum` to this process `times` times inside the n-th call of target.name, as
+    Ctrl-C (SIGINT) or a job scheduler (SIGTERM) would."""
+    real, calls = getattr(target, name), {"n": 0}
+
+    def wrapped(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n_call:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(target, name, wrapped)

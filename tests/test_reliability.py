@@ -24,7 +24,7 @@ import pytest
 import sample
 import train
 from minparcae import checkpoint, cli, data, files, model, runtime
-from runhelp import make_corpus, read_log, train_args
+from runhelp import make_corpus, read_log, signal_during, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,20 +113,6 @@ def test_atomic_write_keeps_the_old_file_and_removes_its_temporary_one(tmp_path)
 
 
 # ----------------------------------------------------------------------------- 2. signals
-
-def signal_during(monkeypatch, target, name, n_call, signum=signal.SIGINT, times=1):
-    """Deliver `signum` to this process `times` times inside the n-th call of target.name."""
-    real, calls = getattr(target, name), {"n": 0}
-
-    def wrapped(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == n_call:
-            for _ in range(times):
-                os.kill(os.getpid(), signum)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(target, name, wrapped)
-
 
 def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch):
     signal_during(monkeypatch, train.runtime, "loss_and_grads", 13, times=2)

@@ -1,7 +1,6 @@
 """train.py and sample.py end to end on a tiny corpus: learning, exact resume, Ctrl-C, the
 numerical guard, and the one-sentence errors a user can cause."""
 
-import os
 import shutil
 import signal
 
@@ -11,7 +10,7 @@ import pytest
 import sample
 import train
 from minparcae import checkpoint, runtime
-from runhelp import make_corpus, read_log, train_args
+from runhelp import make_corpus, read_log, signal_during, train_args
 
 
 @pytest.fixture(scope="module")
@@ -63,27 +62,12 @@ def test_resume_after_a_crash_reproduces_the_run(corpus, tmp_path, monkeypatch):
     assert comparable(read_log(crashed)) == comparable(read_log(full))  # to the last digit
 
 
-def signal_at(monkeypatch, n_calls, signum=signal.SIGINT, times=1):
-    """Deliver `signum` to this process `times` times during the n-th training step, as Ctrl-C
-    (SIGINT) or a job scheduler (SIGTERM) would."""
-    real, calls = runtime.loss_and_grads, {"n": 0}
-
-    def loss_and_grads(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == n_calls:
-            for _ in range(times):
-                os.kill(os.getpid(), signum)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train.runtime, "loss_and_grads", loss_and_grads)
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_finishes_the_step_saves_it_and_resume_continues(corpus, tmp_path, monkeypatch,
                                                                    signum):
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     final = train.main(args(corpus, full, "--steps", "14", "--optimizer", "muon"))
-    signal_at(monkeypatch, 7, signum)
+    signal_during(monkeypatch, train.runtime, "loss_and_grads", 7, signum)
     name = signal.Signals(signum).name
     with pytest.raises(SystemExit, match=f"{name} at step 7: checkpoint saved to "
                        f"{stopped / 'ckpt.npz'}; continue with: python train.py --out {stopped} "
