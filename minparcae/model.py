@@ -531,18 +531,7 @@ def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=N
     if kv is not None and depths.max() > kv.n_loops:
         raise ValueError(f"{depths.max()} loop steps need more KV slots than the cache's {kv.n_loops}.")
 
-    rope = {w: rotary.tables(T, w // cfg.n_head, cfg.rope_base, offset=start, xp=xp, dtype=dtype)
-            for w in {cfg.d_model, cfg.d_h}}
-    ve, c_ve = {}, {}
-    for name in value_embedding_layers(cfg):
-        ve[name], c_ve[name] = ops.embedding.forward(ids, p[f"ve.{name}"])
-    x, c_wte = ops.embedding.forward(ids, p["wte"])
-    c_prelude = []
-    for i in range(cfg.n_prelude):
-        name = f"prelude.{i}"
-        x, c = block_forward(p, name, x, rope[cfg.d_model], cfg, ops, ve.get(name),
-                             kv and kv.slot(name))
-        c_prelude.append(c)
+    x, rope, ve, (c_wte, c_ve, c_prelude) = prelude_forward(p, cfg, ids, ops, start, kv)
     if cfg.looped:
         e, c_pn = ops.rmsnorm.forward(x, p["prelude_norm"])
         if h0 is None:
@@ -577,6 +566,26 @@ def _rows(tables, idx):
     return {name: take_rows(t, idx) for name, t in tables.items()}
 
 
+def prelude_forward(p, cfg, ids, ops, start=0, kv=None):
+    """ids (B, T) at positions start.. -> wte -> prelude blocks -> x (B, T, d). Returns x, the
+    rotary tables (width -> (cos, sin)), the value embeddings (layer -> (B, T, H_kv·hs)) and the
+    caches (token embedding, value embeddings, prelude blocks)."""
+    xp, dtype, T = array_module(p["wte"]), p["wte"].dtype, ids.shape[1]
+    rope = {w: rotary.tables(T, w // cfg.n_head, cfg.rope_base, offset=start, xp=xp, dtype=dtype)
+            for w in {cfg.d_model, cfg.d_h}}
+    ve, c_ve = {}, {}
+    for name in value_embedding_layers(cfg):
+        ve[name], c_ve[name] = ops.embedding.forward(ids, p[f"ve.{name}"])
+    x, c_wte = ops.embedding.forward(ids, p["wte"])
+    c_prelude = []
+    for i in range(cfg.n_prelude):
+        name = f"prelude.{i}"
+        x, c = block_forward(p, name, x, rope[cfg.d_model], cfg, ops, ve.get(name),
+                             kv and kv.slot(name))
+        c_prelude.append(c)
+    return x, rope, ve, (c_wte, c_ve, c_prelude)
+
+
 def coda_forward(p, cfg, h, rope, ve, ops, kv=None, idx=None):
     """h (N, T, d_h) -> C -> coda blocks -> final norm -> logits (N, T, V), before output_logits,
     for the rows idx of the batch (None: all). Returns (logits, C cache, coda caches, final-norm
@@ -596,18 +605,10 @@ def coda_forward(p, cfg, h, rope, ve, ops, kv=None, idx=None):
 def state_after(p, cfg, ids, n_steps, h0):
     """The loop state h_n after n_steps iterations from h0 (no gradient kept): for analysis, and
     for building the truncated loss in the tests."""
-    ops = REFERENCE
-    T = ids.shape[1]
-    xp, dtype = array_module(p["wte"]), p["wte"].dtype
-    rope = rotary.tables(T, cfg.d_h // cfg.n_head, cfg.rope_base, xp=xp, dtype=dtype)
-    rope_d = rotary.tables(T, cfg.d_model // cfg.n_head, cfg.rope_base, xp=xp, dtype=dtype)
-    ve = {name: p[f"ve.{name}"][ids] for name in value_embedding_layers(cfg)}
-    x = p["wte"][ids]
-    for i in range(cfg.n_prelude):
-        x, _ = block_forward(p, f"prelude.{i}", x, rope_d, cfg, ops, ve.get(f"prelude.{i}"))
-    e, _ = ops.rmsnorm.forward(x, p["prelude_norm"])
+    x, rope, ve, _ = prelude_forward(p, cfg, ids, REFERENCE)
+    e, _ = REFERENCE.rmsnorm.forward(x, p["prelude_norm"])
     depths = np.full(ids.shape[0], n_steps)
-    return loop_forward(p, cfg, cfg.injection, e, h0, depths, 0, rope, ve, ops)[0]
+    return loop_forward(p, cfg, cfg.injection, e, h0, depths, 0, rope[cfg.d_h], ve, REFERENCE)[0]
 
 
 def loop_forward(p, cfg, kind, e, h, depths, n_grad, rope, ve, ops, kv=None, exit_rule=None,

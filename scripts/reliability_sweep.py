@@ -461,7 +461,7 @@ def main():
     t0 = time.time()
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(one, jobs))
-    print(f"| theme | cases tried | cases holding |\n|---|---|---|")
+    print("| theme | cases tried | cases holding |\n|---|---|---|")
     for theme in CASES:
         mine = [r for r in results if r[0] == theme]
         print(f"| {theme} | {len(mine)} | {sum(not r[2] for r in mine)} |")

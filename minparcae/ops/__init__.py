@@ -10,7 +10,7 @@ fast paths replace whole ops (a replacement has the op's functions, signatures a
 
 from typing import NamedTuple
 
-from . import attention, cross_entropy, embedding, injection, linear, mlp, qk_norm, rmsnorm, rotary
+from . import attention, cross_entropy, embedding, injection, linear, mlp, qk_norm, rmsnorm
 
 
 class Ops(NamedTuple):
