@@ -46,6 +46,7 @@ def cases(T, d=768, H=6, H_kv=2, V=32768):
     import cupy as cp
 
     from minparcae.kernels import cuda as K
+
     fast = kernels.select("gpu", np.float32)
     if fast is REFERENCE:
         raise SystemExit("MINPARCAE_KERNELS=0 turns the kernels off: there is nothing to check.")
@@ -64,6 +65,7 @@ def cases(T, d=768, H=6, H_kv=2, V=32768):
     yield "rmsnorm forward", y, y_ref
     yield from gradients("rmsnorm backward", fast.rmsnorm.backward(g, c), REFERENCE.rmsnorm.backward(g, c_ref))
     (s, y, c), (s_ref, y_ref, c_ref) = both("rmsnorm", "add_forward", x, res, w)
+    yield "residual add", s, s_ref
     yield "residual add + rmsnorm", y, y_ref
     yield from gradients("rmsnorm backward + residual", fast.rmsnorm.backward(g, c, dres=res),
                          REFERENCE.rmsnorm.backward(g, c_ref, dres=res))
