@@ -1,7 +1,8 @@
-"""GPU benchmark: each CUDA kernel against the CuPy code it replaces, then one training step of
-minparcae (forward, backward, AdamW) with the kernels on and off, against the PyTorch model of
-bench/torch_parcae.py on the same weights and batch, eager and under torch.compile. Prints
-Markdown tables.
+"""GPU benchmark: each op that the GPU's op set (`kernels.select("gpu")`, the CUDA replacements)
+replaces, against the reference op (`ops.REFERENCE`, its CuPy code), then one training step of
+minparcae (forward, backward, AdamW) with the GPU's op set and AdamW kernel and with the reference
+ops and update, against the PyTorch model of bench/torch_parcae.py on the same weights and batch,
+eager and under torch.compile. Prints Markdown tables.
 
     python bench/gpu_bench.py                      # parcae-140m, batch 8 × 1024 tokens
     python bench/gpu_bench.py --preset medium --compile --no-kernels
@@ -27,9 +28,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from minparcae import backend, kernels, model, optim
+from minparcae import backend, kernels, model, optim, runtime
 from minparcae.kernels import cuda as K
-from minparcae.ops import attention, cross_entropy, embedding, injection, rmsnorm, rotary
+from minparcae.ops import REFERENCE, embedding, rotary
 from sizes import SIZES
 
 FP32_PEAK_TFLOPS = 67.0  # H100 / H200 SXM, float32 without tensor cores
@@ -46,116 +47,96 @@ def timed(fn, repeat):
     return (time.perf_counter() - start) / repeat * 1e3
 
 
-def reference(fn):
-    """fn run with every fast path off (the ops' CuPy code)."""
-    def run():
-        kernels.use_kernels(False)
-        try:
-            return fn()
-        finally:
-            kernels.use_kernels(True)
-    return run
-
-
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def relu2_reference(u):
-    a = u * (u > 0)
-    return a, 0.5 * a * a
-
-
 def kernel_rows(cfg, B, T, repeat):
-    """(name, shape, reference ms, kernel ms, speed-up) for each kernel at the model's sizes; the
-    reference is the op's CuPy code, except where the name says otherwise."""
+    """(name, shape, reference ms, GPU set ms, speed-up) for each replaced op at the model's sizes,
+    forward and backward unless the name says otherwise; then the one-thread-per-row attention
+    kernel and the AdamW update, each against the reference."""
     import cupy as cp
+    fast = kernels.select("gpu", np.float32)
     rng = np.random.default_rng(0)
 
     def randn(*shape, scale=1.0):
         return cp.asarray(scale * rng.standard_normal(shape), dtype=cp.float32)
 
-    d, H, V = cfg.d_model, cfg.n_head, cfg.vocab_size
-    hs, N = d // H, B * T
+    d, H, H_kv, V = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.vocab_size
+    hs, N, m = d // H, B * T, cfg.mlp_ratio * d
     x, w, g = randn(B, T, d), 1 + randn(d, scale=0.1), randn(B, T, d)
-    q, k, v, dy = (randn(B, H, T, hs) for _ in range(4))
-    head_view = randn(B, T, d).reshape(B, T, H, hs).transpose(0, 2, 1, 3)
-    cos, sin = rotary.tables(T, hs, xp=cp)
-    u = randn(N, cfg.mlp_ratio * d)
+    q, dy = randn(B, H, T, hs), randn(B, H, T, hs)
+    k, v = randn(B, H_kv, T, hs), randn(B, H_kv, T, hs)
+    qkv = randn(B, T, (H + 2 * H_kv) * hs).reshape(B, T, H + 2 * H_kv, hs)
+    cos, sin = rotary.tables(T, hs, cfg.rope_base, xp=cp)
+    w_fc, w_proj = randn(d, m, scale=0.03), randn(m, d, scale=0.02)
     z, targets = randn(N, V, scale=3), cp.asarray(rng.integers(0, V, N))
-    valid = targets >= 0
-    ids = cp.asarray(rng.integers(0, V, (B, T)))
+    cache = embedding.Cache(cp.asarray(rng.integers(0, V, (B, T))), (V, d))
     p = {"inject.A_log": randn(d, scale=0.3), "inject.dt_bias": randn(d)}
-    A_bar = injection.diagonal_decay(p["inject.A_log"], p["inject.dt_bias"])[0]
-    fc = {n: randn(d, cfg.mlp_ratio * d) for n in ("m", "v", "p", "g")}
-    fc["v"] = cp.abs(fc["v"])
-    opt = optim.AdamW()
-    opt.step({"core.0.mlp.fc": fc["p"]}, {"core.0.mlp.fc": fc["g"]}, 1e-3)  # allocates its moments
+    adam = {n: randn(d, m) for n in ("p", "g", "m", "v")}
+    adam["v"] = cp.abs(adam["v"])
     scale = hs ** -0.5
-    _, flash_cache = K.attention_forward(q, k, v, scale)
-    _, ref_cache = attention.causal_attention_forward(q, k, v, scale)
 
-    def rms_step(a, weight):
-        out, c = rmsnorm.forward(a, weight)
-        return rmsnorm.backward(out, c)
+    def calls(ops):
+        """name -> (shape, a call of op set `ops`: forward, then backward from its own cache)."""
+        return {
+            "RMSNorm": ((N, d), lambda: ops.rmsnorm.backward(g, ops.rmsnorm.forward(x, w)[1])),
+            "residual add + RMSNorm": ((N, d), lambda: ops.rmsnorm.backward(
+                g, ops.rmsnorm.add_forward(x, g, w)[2], dres=g)),
+            "rotary + QK-norm (strided q view)": ((B, H, T, hs), lambda: ops.qk_norm.backward(
+                dy, ops.qk_norm.forward(qkv[:, :, :H], cos, sin)[1])),
+            "ReLU² MLP (with its matrix products)": ((N, d, m), lambda: ops.mlp.backward(
+                g, ops.mlp.forward(x, w_fc, w_proj)[1])),
+            "softmax cross-entropy": ((N, V), lambda: ops.cross_entropy.backward(
+                1.0, ops.cross_entropy.forward(z, targets)[1])),
+            "embedding (backward only)": ((V, d), lambda: ops.embedding.backward(g, cache)),
+            "attention (forward only)": ((B, H, T, hs), lambda: ops.attention.forward(q, k, v, scale)),
+            "attention": ((B, H, T, hs), lambda: ops.attention.backward(
+                dy, ops.attention.forward(q, k, v, scale)[1])),
+            "injection state step x = Ā⊙h + u": ((N, d), lambda: ops.injection.state_backward(
+                g, ops.injection.state_forward("diagonal", p, x, g)[1], p)),
+        }
 
-    cases = [
-        ("RMSNorm fwd+bwd", (N, d), reference(lambda: rms_step(x, w)), lambda: rms_step(x, w)),
-        ("QK-norm fwd+bwd", (B * H * T, hs), reference(lambda: rms_step(q, None)), lambda: rms_step(q, None)),
-        ("residual add + RMSNorm (reference: add, then the RMSNorm kernel)", (N, d),
-         lambda: rmsnorm.forward(x + g, w), lambda: K.add_rmsnorm_forward(x, g, w, 1e-5)),
-        ("rotary (strided q view)", (B, H, T, hs), reference(lambda: rotary.forward(head_view, cos, sin)),
-         lambda: rotary.forward(head_view, cos, sin)),
-        ("ReLU² forward", tuple(u.shape), lambda: relu2_reference(u), lambda: K.relu2_forward(u)),
-        ("softmax cross-entropy", (N, V), lambda: cross_entropy.softmax_xent(z, targets, valid, N),
-         lambda: K.softmax_xent(z, targets, valid, N)),
-        ("embedding backward", (V, d), reference(lambda: embedding.backward(g, (ids, (V, d)))),
-         lambda: embedding.backward(g, (ids, (V, d)))),
-        ("attention forward (flash)", (B, H, T, hs), lambda: attention.causal_attention_forward(q, k, v, scale),
-         lambda: K.attention_forward(q, k, v, scale)),
-        ("attention forward (simple)", (B, H, T, hs), lambda: attention.causal_attention_forward(q, k, v, scale),
-         lambda: K.attention_forward_simple(q, k, v, scale)),
-        ("attention backward (flash)", (B, H, T, hs),
-         lambda: attention.causal_attention_backward(dy, ref_cache),
-         lambda: K.attention_backward(dy, flash_cache)),
-        ("injection x = Ā⊙h + u", (N, d), lambda: A_bar * x + g, lambda: K.injection_forward(x, g, A_bar)),
-        ("injection backward", (N, d), lambda: (g * A_bar, (g * x).reshape(-1, d).sum(axis=0)),
-         lambda: K.injection_backward(g, x, A_bar)),
-        ("AdamW step", tuple(fc["p"].shape),
-         reference(lambda: opt.step({"core.0.mlp.fc": fc["p"]}, {"core.0.mlp.fc": fc["g"]}, 1e-3)),
-         lambda: K.adamw_step(fc["p"], fc["g"], fc["m"], fc["v"], 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.1, 0.05)),
+    fast_calls = calls(fast)
+    timings = [(name, shape, ref_fn, fast_calls[name][1]) for name, (shape, ref_fn) in calls(REFERENCE).items()]
+    k_rep, v_rep = (cp.repeat(a, H // H_kv, axis=1) for a in (k, v))  # the simple kernel has no groups
+    update = kernels.adamw_update(adam["p"])
+    timings += [
+        ("attention forward, one thread per row (kernel)", (B, H, T, hs),
+         lambda: REFERENCE.attention.forward(q, k, v, scale),
+         lambda: K.attention_forward_simple(q, k_rep, v_rep, scale)),
+        ("AdamW update (kernels.adamw_update)", (d, m),
+         lambda: optim.adamw_update(*adam.values(), 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.1, 0.05),
+         lambda: update(*adam.values(), 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.1, 0.05)),
     ]
     rows = []
-    for name, shape, ref_fn, kernel_fn in cases:
-        t_ref, t_kernel = timed(ref_fn, repeat), timed(kernel_fn, repeat)
-        speedup = f"{t_ref / t_kernel:.2f}×"
-        rows.append((name, "×".join(map(str, shape)), f"{t_ref:.3f}", f"{t_kernel:.3f}", speedup))
+    for name, shape, ref_fn, fast_fn in timings:
+        t_ref, t_fast = timed(ref_fn, repeat), timed(fast_fn, repeat)
+        speedup = f"{t_ref / t_fast:.2f}×"
+        rows.append((name, "×".join(map(str, shape)), f"{t_ref:.3f}", f"{t_fast:.3f}", speedup))
     return rows
 
 
-def minparcae_step(params_np, cfg, batch, use_kernels, steps):
-    """(ms per training step, peak pool bytes) of minparcae on the GPU."""
+def minparcae_step(params_np, cfg, batch, fast, steps):
+    """(ms per training step, peak pool bytes) of minparcae on the GPU, with the GPU's op set and
+    AdamW kernel (`fast`) or the reference ops and update."""
     import cupy as cp
     ids, targets, depths, h0 = batch
     params = {k: cp.asarray(v) for k, v in params_np.items()}
     ids, targets, h0 = cp.asarray(ids), cp.asarray(targets), cp.asarray(h0)
-    opt = optim.AdamW()
-    kernels.use_kernels(use_kernels)
+    ops = kernels.for_array(params["wte"]) if fast else REFERENCE
+    opt = optim.AdamW(update=kernels.adamw_update(params["wte"]) if fast else None)
     pool = cp.get_default_memory_pool()
 
     def step():
-        loss, cache, _ = model.forward(params, cfg, ids, targets, depths=depths, h0=h0, train=True)
-        grads = model.backward(params, cfg, cache)
+        _, grads, _ = runtime.loss_and_grads(params, cfg, ids, targets, depths=depths, h0=h0, ops=ops)
         opt.step(params, grads, 1e-3)
 
-    try:
-        step()
-        backend.synchronize()
-        pool.free_all_blocks()  # from here the pool grows to what the steps need at once
-        return timed(step, steps), pool.total_bytes()
-    finally:
-        kernels.use_kernels(True)
+    step()
+    backend.synchronize()
+    pool.free_all_blocks()  # from here the pool grows to what the steps need at once
+    return timed(step, steps), pool.total_bytes()
 
 
 def torch_step(params_np, cfg, batch, steps, compile):
@@ -198,9 +179,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024, help="tokens per sequence (at most the context)")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps per variant")
-    ap.add_argument("--repeat", type=int, default=20, help="timed calls per kernel")
+    ap.add_argument("--repeat", type=int, default=20, help="timed calls per op")
     ap.add_argument("--compile", action="store_true", help="also time the PyTorch step under torch.compile")
-    ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the per-op table")
     ap.add_argument("--peak-tflops", type=float, default=FP32_PEAK_TFLOPS,
                     help="the GPU's peak for MFU (default: H100/H200 float32 without tensor cores)")
     args = ap.parse_args(argv)
@@ -214,8 +195,8 @@ def main(argv=None):
     print(f"## minparcae GPU benchmark: {name}, {args.preset}, batch {B} × {T} tokens\n")
 
     if not args.no_kernels:
-        print("### Kernels against the CuPy code they replace, ms per call\n")
-        print(table(("op", "shape", "reference", "kernel", "speed-up"), kernel_rows(cfg, B, T, args.repeat))
+        print("### The GPU's op set against the reference ops (CuPy), ms per call\n")
+        print(table(("op", "shape", "reference", "GPU set", "speed-up"), kernel_rows(cfg, B, T, args.repeat))
               + "\n", flush=True)
 
     rng = np.random.default_rng(0)
@@ -224,7 +205,8 @@ def main(argv=None):
     depths = np.full(B, cfg.mean_recurrence)  # every sequence runs μ_rec steps, μ_bwd with gradient
     batch = (tokens[:, :-1], tokens[:, 1:], depths, model.initial_state(cfg, (B, T, cfg.d_h), "like-init", rng))
     rows = []
-    for label, on in (("minparcae, kernels on", True), ("minparcae, kernels off (CuPy)", False)):
+    for label, on in (("minparcae, GPU op set and AdamW kernel", True),
+                      ("minparcae, reference ops (CuPy)", False)):
         ms, peak = minparcae_step(params_np, cfg, batch, on, args.steps)
         rows.append(row(label, ms, peak, B * T, flops, args.peak_tflops))
         print(f"{label}: {ms:.1f} ms/step", file=sys.stderr, flush=True)

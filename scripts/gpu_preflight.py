@@ -5,8 +5,9 @@
 Checks, in order, and stops at the first that fails with one line `PREFLIGHT FAIL: <sentence>`
 (exit status 1): CuPy imports and sees a GPU; Numba's CUDA target is numba-cuda and finds libNVVM
 (gpu_check.sh retries with CUDA_HOME=/usr/local/cuda when it does not); one kernel of
-minparcae/kernels/cuda.py, launched on a CuPy array on CuPy's stream, gives the reference's result.
-Success prints `PREFLIGHT OK: <GPU name>, ...`.
+minparcae/kernels/cuda.py, launched on a CuPy array on CuPy's stream, gives the reference's result;
+kernels.select gives the CUDA replacements for float32 CuPy arrays. Success prints
+`PREFLIGHT OK: <GPU name>, ...`.
 """
 
 import os
@@ -50,6 +51,7 @@ def main():
 
     from minparcae import kernels
     from minparcae.kernels import cuda as K
+    from minparcae.ops import REFERENCE
 
     u = cupy.asarray(np.linspace(-2, 2, 1000, dtype=np.float32).reshape(10, 100))
     a, g = K.relu2_forward(u)
@@ -57,8 +59,9 @@ def main():
     want = np.maximum(np.linspace(-2, 2, 1000, dtype=np.float32), 0).reshape(10, 100)
     if not (np.array_equal(a.get(), want) and np.allclose(g.get(), 0.5 * want * want)):
         fail("a kernel launched on a CuPy array gave a wrong result.")
-    if kernels.fast("relu2_forward", u) is not K.relu2_forward:
-        fail("the CUDA kernels are not chosen for float32 CuPy arrays.")
+    if kernels.for_array(u) != REFERENCE._replace(**K.REPLACEMENTS):
+        fail(f"kernels.select does not give the CUDA replacements for float32 CuPy arrays "
+             f"({kernels.KERNELS_ENV}={os.environ.get(kernels.KERNELS_ENV, 'unset')}).")
     print(f"PREFLIGHT OK: {name}, {count} GPU(s), CuPy {cupy.__version__}, CUDA runtime "
           f"{cupy.cuda.runtime.runtimeGetVersion()}, libNVVM {'.'.join(map(str, nvvm.NVVM().get_version()))}",
           flush=True)

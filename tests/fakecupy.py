@@ -27,6 +27,10 @@ _routines_indexing.pyx, _kernel.pyx at tag v14.2.0):
 Devices and streams are stand-ins: one device, `synchronize()` does nothing, the memory pool
 reports zero bytes. `cupy.random` draws from NumPy's legacy global generator. Only the parts of
 CuPy that minparcae uses are here; an unknown name is looked up in NumPy and wrapped by rule 2/3.
+
+minparcae's CUDA kernels can run on the stand-in's arrays too, under Numba's CUDA simulator
+(`launch_kernels`): an array offers `__cuda_array_interface__` as CuPy's do, and a kernel reads and
+writes it in place, strides included, as on a GPU.
 """
 
 import sys
@@ -143,6 +147,13 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
 
     def __getitem__(self, key):
         return ndarray(np.asarray(self._a[_index(key)]))
+
+    @property
+    def __cuda_array_interface__(self):
+        """What CuPy offers Numba (version 3 of the interface); strides None when C-contiguous."""
+        a = self._a
+        return {"shape": a.shape, "typestr": a.dtype.str, "data": (a.ctypes.data, False), "version": 3,
+                "strides": None if a.flags.c_contiguous else a.strides}
 
     def __setitem__(self, key, value):
         if isinstance(value, (np.ndarray, list)) and np.ndim(value) and not _has_array_index(key):
@@ -272,3 +283,33 @@ def install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     return cupy
+
+
+def launch_kernels(monkeypatch):
+    """Let Numba's CUDA simulator launch kernels on the stand-in's arrays, as a GPU launches them on
+    CuPy's (until the end of the test). minparcae/kernels/cuda.py passes an array that has a
+    `__cuda_array_interface__` through `numba.cuda.as_cuda_array`, which the simulator lacks; here
+    it gives the simulator's device array over the stand-in array's own memory, so a kernel reads it
+    with its strides and writes it in place.
+
+    A NumPy array among a launch's device arrays raises TypeError: on a GPU Numba would copy it to
+    the device and back at every launch, a host/device mix-up that costs time instead of failing."""
+    from numba import cuda
+    from numba.cuda.simulator import kernel
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    def as_cuda_array(obj, sync=True):
+        if not isinstance(obj, ndarray):
+            raise TypeError(f"{type(obj).__name__} does not export __cuda_array_interface__")
+        return FakeCUDAArray(obj._a)
+
+    launch = kernel.FakeCUDAKernel.__call__
+
+    def checked_launch(self, *args):
+        on_device = any(isinstance(a, FakeCUDAArray) for a in args)
+        if on_device and any(isinstance(a, np.ndarray) and a.ndim for a in args):
+            raise TypeError(f"kernel {self.__name__} launched on device arrays with a host array among them")
+        return launch(self, *args)
+
+    monkeypatch.setattr(cuda, "as_cuda_array", as_cuda_array, raising=False)
+    monkeypatch.setattr(kernel.FakeCUDAKernel, "__call__", checked_launch)

@@ -6,7 +6,8 @@ Numba must not be in simulator mode:
 
 Each kernel is compiled with the argument types its launch wrapper passes: the wrappers are called on
 NumPy arrays of the dtypes, ranks and layouts the model uses (float32; int64 ids and targets; bool
-masks; Python bools; a strided head view for rotary), with `_launch` replaced by a recorder, and
+masks; Python bools; a strided head view for rotary), and so are the op replacements of
+cuda.REPLACEMENTS (through tests/replacements.py), with `_launch` replaced by a recorder, and
 Numba types each recorded argument as it would a CuPy array of the same layout. The flash kernels
 are built for every head size the presets, lessons and tests use. Numba's NVVM gives the PTX; the
 PTX goes through nvJitLink (the assembler that ships in the nvidia-nvjitlink wheel) to sm_90 code,
@@ -26,6 +27,8 @@ import sys
 import types
 
 import numpy as np
+
+from replacements import exercise  # tests/replacements.py, next to this file
 
 HEAD_SIZES = (8, 16, 32, 64, 128)  # lessons 7-10 (8, 16), tiny (32), small-cpu and medium (64), parcae-* (128)
 EXTRA_TILES = ((4, (4, 2, 2)),)  # lesson 6 launches its own tiles
@@ -62,6 +65,10 @@ def record_launches(K):
         q = f(1, 2, 16, hs)
         K.attention_backward(q, K.attention_forward(q, q, q, 0.1, tiles=tiles)[1])
     K.attention_forward_simple(q, q, q, 0.1)
+    # the op replacements that kernels.select gives a GPU, with the arguments they pass (head size 8:
+    # no flash build beyond the ones above)
+    for name, op in K.REPLACEMENTS.items():
+        exercise(name, op, np.float32, T=9, hs=8, width=40)
     return launched
 
 

@@ -1,31 +1,75 @@
 """Device code on the CPU: the model, optimisers, data, generation and checkpoints run on the CuPy
 stand-in of tests/fakecupy.py, which refuses every implicit host/device mix-up that CuPy refuses.
 
-The CUDA kernels are off here (`use_kernels(False)`, the ops' own `xp` code runs on the device
-arrays): the kernels are checked on the simulator (test_kernels_cuda.py, test_cudasim.py) and on a
-GPU (test_gpu.py). What this file checks is the code around them. Each run on the stand-in is also
+The library runs here with the reference ops and AdamW update (`ops=REFERENCE`, the ops' own `xp`
+code on the device arrays), passed explicitly where train.py would pass the GPU's fast set: the
+kernels' numbers are checked on the simulator (test_kernels_cuda.py, test_cudasim.py) and on a GPU
+(test_gpu.py). What this file checks is the code around them. Each run on the stand-in is also
 compared with the same run on NumPy: the stand-in computes with NumPy inside, so the numbers agree
 to float32 rounding (1e-5 relative), and a mix-up shows as an exception, not as a wrong number.
-Last, tests/test_gpu.py's own injection and AdamW checks run here with stand-in kernels, to show
-that they fail when a kernel is wrong.
+
+Then tests/test_gpu.py runs here: its replacement test at tiny sizes with the CUDA kernels launched
+on the stand-in's arrays through Numba's simulator (so the GPU's op set keeps host and device apart
+too, and qk_norm's kernel reads its strided head view in place), and its injection and AdamW checks
+with stand-in kernels, right and wrong, to show that they fail when a kernel is wrong. Last,
+scripts/gpu_kernels_once.py's checks run the same way at tiny sizes.
 """
+
+import importlib.util
+import os
+import sys
 
 import numpy as np
 import pytest
 
+import cudasim
 import fakecupy
-from minparcae import backend, checkpoint, data, generate, kernels, model, optim
+from minparcae import backend, checkpoint, data, generate, kernels, model, optim, runtime
+from minparcae.kernels import cuda as K
+from minparcae.ops import REFERENCE
 
 TOL = 1e-5
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+simulated = pytest.mark.skipif(not cudasim.simulated(), reason="launches kernels on Numba's CUDA simulator")
 
 
 @pytest.fixture
 def cp(monkeypatch):
-    """The stand-in as `cupy`, the device set to "gpu", the kernels off; all undone afterwards."""
+    """The stand-in as `cupy` and the device set to "gpu"; both undone afterwards."""
     module = fakecupy.install(monkeypatch)
     monkeypatch.setitem(backend._state, "device", None)
     assert backend.gpu_available() and backend.use_device("gpu") == "gpu"
-    monkeypatch.setitem(kernels._state, "enabled", False)
+    return module
+
+
+@pytest.fixture
+def launched(cp, monkeypatch):
+    """The CUDA kernels launch on the stand-in's arrays through the simulator (fakecupy.launch_kernels),
+    with few threads and blocks, as in test_kernels_cuda.py; returns the set of the names of the
+    kernels launched."""
+    fakecupy.launch_kernels(monkeypatch)
+    monkeypatch.setattr(K, "MAX_THREADS", 32)
+    monkeypatch.setattr(K, "ROW_BLOCKS", 2)
+    monkeypatch.setattr(K, "THREADS", 32)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # frequent thread switches: the simulator's barriers are faster
+    names, launch = set(), K._launch
+
+    def recorded(kernel, grid, block, *args):
+        names.add(kernel.__name__)
+        return launch(kernel, grid, block, *args)
+
+    monkeypatch.setattr(K, "_launch", recorded)
+    yield names
+    sys.setswitchinterval(interval)
+
+
+def load(path, name):
+    """The module at `path` (relative to the repository), freshly imported: under the stand-in when
+    the test has installed it."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
@@ -62,7 +106,7 @@ def training_step(params, opt, batch_rng):
     """One step as train.py takes it: a host batch and depths, loss and gradients, clip, update."""
     x, y = data.get_batch(tokens(400), 4, CFG.context, batch_rng)
     depths = model.sample_depths(batch_rng, 4, CFG)
-    loss, grads, diag = model.loss_and_grads(params, CFG, x, y, depths=depths, rng=batch_rng)
+    loss, grads, diag = runtime.loss_and_grads(params, CFG, x, y, depths=depths, rng=batch_rng, ops=REFERENCE)
     norm = optim.clip_grad_norm(grads, 1.0)
     opt.step(params, grads, 1e-2)
     backend.synchronize()
@@ -70,23 +114,29 @@ def training_step(params, opt, batch_rng):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_training_step_and_evaluation(cp, optimizer):
+def test_training_step_and_evaluation(cp, monkeypatch, optimizer):
     """Two training steps and an evaluation on device arrays give NumPy's numbers; the loss, the
-    gradient norm and the diagnostics train.py logs are host floats."""
+    gradient norm and the diagnostics train.py logs are host floats, each sequence's loop count a
+    host array. The NumPy run keeps the batch whole, as the device does: split over threads, its
+    sums would be added in another order, and Adam's second step turns that rounding into weight
+    differences of up to 2e-5 (relative) in the output projections, which start at zero."""
+    monkeypatch.setattr(runtime, "threads", lambda: 1)
     def run(on_device):
         backend.use_device("gpu" if on_device else "cpu")  # where the batches are made
         params = model.init_params(CFG, seed=0, dtype=np.float32)
         opt = optim.AdamW() if optimizer == "adamw" else optim.Combined()
         rng = np.random.default_rng(1)
         steps = [training_step(params, opt, rng) for _ in range(2)]
-        val = model.evaluate(params, CFG, data.iter_eval_batches(tokens(200, 2), 4, CFG.context, 3))
+        val = model.evaluate(params, CFG, data.iter_eval_batches(tokens(200, 2), 4, CFG.context, 3),
+                             ops=REFERENCE)
         return steps, val, {k: backend.to_host(v) for k, v in params.items()}
 
     steps, val, params = run(True)
     steps_np, val_np, params_np = run(False)
     for (loss, norm, diag), (loss_np, norm_np, diag_np) in zip(steps, steps_np):
         assert type(loss) is float and type(norm) is float
-        assert all(type(v) in (float, int) for v in diag.values()), diag
+        assert all(type(v) in (float, int) for k, v in diag.items() if k != "loops"), diag
+        assert type(diag["loops"]) is np.ndarray and np.array_equal(diag["loops"], diag_np["loops"])
         assert abs(loss - loss_np) <= TOL * loss_np and abs(norm - norm_np) <= TOL * norm_np
     assert type(val) is float and abs(val - val_np) <= TOL * val_np
     for k, p in params.items():
@@ -123,9 +173,9 @@ def test_cached_generation(cp, adaptive):
         params = model.init_params(CFG, seed=0, dtype=np.float32)
         prompts = [[1, 2, 3], [4, 5, 6]]
         out = generate.generate(params, CFG, prompts, 6, temperature=0.8, top_k=10, adaptive=adaptive,
-                                epsilon=1e-2, rng=np.random.default_rng(3), return_loops=True)
+                                epsilon=1e-2, rng=np.random.default_rng(3), return_loops=True, ops=REFERENCE)
         batches = data.iter_eval_batches(tokens(200, 2), 2, CFG.context, 2)
-        return out, generate.evaluate(params, CFG, batches, adaptive=adaptive, epsilon=1e-2)
+        return out, generate.evaluate(params, CFG, batches, adaptive=adaptive, epsilon=1e-2, ops=REFERENCE)
 
     (out, (val, loops)), (out_np, (val_np, loops_np)) = run("gpu"), run("cpu")
     assert out == out_np and loops == loops_np
@@ -133,6 +183,53 @@ def test_cached_generation(cp, adaptive):
 
 
 # ----------------------------------------------------------------------------- tests/test_gpu.py on it
+
+TINY = dict(T=9, hs=4, width=40, heads=(4, 2))  # tests/replacements.py's sizes on the simulator
+
+# the kernels each CUDA replacement launches (forward, backward_dq and backward_dkv: flash attention)
+LAUNCHES = {
+    "attention": {"forward", "backward_dq", "backward_dkv"},
+    "cross_entropy": {"_softmax_xent"},
+    "embedding": {"_scatter_add"},
+    "injection": {"_injection_forward", "_injection_backward"},
+    "mlp": {"_relu2", "_relu2_backward"},
+    "qk_norm": {"_rotary", "_rmsnorm_forward", "_rmsnorm_backward"},
+    "rmsnorm": {"_rmsnorm_forward", "_rmsnorm_backward"},
+}
+
+
+@simulated
+@pytest.mark.parametrize("name", sorted(K.REPLACEMENTS))
+def test_gpu_replacement_test_with_the_kernels_on_the_stand_in(launched, name):
+    """tests/test_gpu.py's test of every CUDA replacement against the reference, at tiny sizes, the
+    kernels launched on device arrays: it passes, and it launched the kernels of that op."""
+    assert sorted(LAUNCHES) == sorted(K.REPLACEMENTS)
+    gpu_tests = load("tests/test_gpu.py", "test_gpu_on_the_stand_in")
+    gpu_tests.test_every_replacement_matches_the_reference(name, sizes=TINY)
+    assert launched == LAUNCHES[name]
+
+
+@simulated
+def test_adamw_kernel_on_the_stand_in(cp, launched):
+    """optim.AdamW with the update kernels.adamw_update gives for float32 device arrays: two steps
+    update p, m and v in place on the device, as optim.adamw_update does (within 1e-6)."""
+    rng = np.random.default_rng(4)
+    host = {"core.0.mlp.fc": rng.standard_normal((5, 8)).astype(np.float32),
+            "core.0.norm1": rng.standard_normal(8).astype(np.float32)}
+    params = {k: cp.asarray(v) for k, v in host.items()}
+    opt = optim.AdamW(update=kernels.adamw_update(params["core.0.norm1"]))
+    opt_ref = optim.AdamW()
+    assert opt.update is K.adamw_step and kernels.adamw_update(cp.zeros(1, dtype=np.float64)) is None
+    for _ in range(2):
+        grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in host.items()}
+        opt.step(params, {k: cp.asarray(g) for k, g in grads.items()}, 1e-2)
+        opt_ref.step(host, grads, 1e-2)
+    assert launched == {"_adamw"}
+    for name, p in host.items():
+        for got, want in ((params[name], p), (opt.m[name], opt_ref.m[name]), (opt.v[name], opt_ref.v[name])):
+            assert backend.array_module(got) is cp
+            assert np.abs(got.get() - want).max() <= 1e-6 * np.abs(want).max(), name
+
 
 def right_or_wrong_kernels(wrong):
     """Device-array versions of the injection and AdamW kernels, right or off by a little (NumPy code
@@ -159,27 +256,47 @@ def right_or_wrong_kernels(wrong):
 
 @pytest.mark.parametrize("wrong", [False, True], ids=["right kernels", "wrong kernels"])
 def test_gpu_tests_catch_a_wrong_kernel(cp, monkeypatch, wrong):
-    """tests/test_gpu.py's injection and AdamW tests, run on the stand-in with these kernels in place
-    of the CUDA ones both in the registry and in the kernel module: they pass with right kernels and
-    fail with wrong ones, so they compare the kernels with the reference, not with themselves."""
-    import importlib.util
-    import os
-
-    from minparcae.kernels import cuda as K
-
-    replacements = right_or_wrong_kernels(wrong)
-    for name, func in replacements.items():
+    """tests/test_gpu.py's injection, AdamW and replacement tests (the last for the injection), run on
+    the stand-in with these kernels in place of the CUDA module's, which the GPU's op set and
+    kernels.adamw_update call: they pass with right kernels and fail with wrong ones, so they
+    compare the kernels with the reference, not with themselves."""
+    for name, func in right_or_wrong_kernels(wrong).items():
         monkeypatch.setattr(K, name, func)
-    f32 = {np.dtype(np.float32)}
-    monkeypatch.setattr(kernels, "_load", lambda device: {n: (f, f32) for n, f in replacements.items()})
-    monkeypatch.setitem(kernels._state, "enabled", True)
-    path = os.path.join(os.path.dirname(__file__), "test_gpu.py")
-    spec = importlib.util.spec_from_file_location("test_gpu_on_the_stand_in", path)
-    gpu_tests = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_tests)
-    for test in (gpu_tests.test_diagonal_injection, gpu_tests.test_adamw_step_matches_optim_adamw):
+    gpu_tests = load("tests/test_gpu.py", "test_gpu_on_the_stand_in")
+    for test in (gpu_tests.test_diagonal_injection, gpu_tests.test_adamw_step_matches_optim_adamw,
+                 lambda: gpu_tests.test_every_replacement_matches_the_reference("injection", sizes=TINY)):
         if wrong:
             with pytest.raises(AssertionError):
                 test()
         else:
             test()
+
+
+# ----------------------------------------------------------------------------- scripts/gpu_kernels_once.py on it
+
+@simulated
+@pytest.mark.parametrize("wrong", [False, True], ids=["right kernels", "wrong kernel"])
+def test_gpu_kernels_once_on_the_stand_in(launched, monkeypatch, capsys, wrong):
+    """The sanitizer phase's script, its checks at tiny sizes, the kernels launched through the
+    simulator: every kernel of the CUDA module is launched, and the script reports KERNELS OK; with
+    the scatter-add kernel adding each row twice, it names the embedding's gradient as failed."""
+    if wrong:
+        scatter_add = K.scatter_add
+
+        def twice(table, rows, values):
+            scatter_add(table, rows, values)
+            scatter_add(table, rows, values)
+
+        monkeypatch.setattr(K, "scatter_add", twice)
+    script = load("scripts/gpu_kernels_once.py", "gpu_kernels_once_on_the_stand_in")
+    failed = script.check(script.cases(9, d=16, H=4, H_kv=2, V=50))
+    out = capsys.readouterr().out.strip().splitlines()
+    if wrong:
+        assert failed == ["embedding backward (scatter-add) dtable"], out
+        assert out[-1] == "KERNELS FAIL: embedding backward (scatter-add) dtable"
+    else:
+        assert failed == [] and out[-1] == "KERNELS OK", out
+        from numba.cuda.simulator.kernel import FakeCUDAKernel
+
+        in_module = {v.__name__ for v in vars(K).values() if isinstance(v, FakeCUDAKernel) and not v._device}
+        assert launched == in_module | {"forward", "backward_dq", "backward_dkv"}  # and the flash kernels

@@ -1,8 +1,9 @@
 """The device check and the GPU benchmark on a machine without a GPU: scripts/gpu_check.sh must stop
 in its pre-flight within 60 seconds with one `GPU CHECK: FAIL: pre-flight: ...` line, whether CuPy is
 missing or imports but finds no device (as CuPy does without a driver: its first runtime call raises);
-bench/gpu_bench.py must parse its arguments and exit with one sentence. On a GPU these are the real
-thing (the check takes minutes), so they are skipped there.
+bench/gpu_bench.py and scripts/gpu_kernels_once.py must parse their arguments and exit with one
+sentence. On a GPU these are the real thing (the check takes minutes), so they are skipped there.
+(tests/test_fakecupy.py runs gpu_kernels_once.py's checks on the CuPy stand-in.)
 """
 
 import os
@@ -59,12 +60,14 @@ def test_gpu_check_stops_in_its_preflight(tmp_path, cupy):
     assert (tmp_path / "out" / "summary.txt").read_text().strip().splitlines()[-1] == lines[-1]
 
 
-def test_gpu_bench_parses_its_arguments_and_needs_a_gpu():
-    bench = os.path.join(ROOT, "bench", "gpu_bench.py")
-    help_text = subprocess.run([sys.executable, bench, "--help"], capture_output=True, text=True, timeout=120)
-    assert help_text.returncode == 0 and "--peak-tflops" in help_text.stdout
-    result = subprocess.run([sys.executable, bench, "--preset", "medium", "--compile"], capture_output=True,
-                            text=True, timeout=120)
+@pytest.mark.parametrize("script, option, args", [
+    ("bench/gpu_bench.py", "--peak-tflops", ["--preset", "medium", "--compile"]),
+    ("scripts/gpu_kernels_once.py", "--seq", ["--seq", "512"])])
+def test_gpu_scripts_parse_their_arguments_and_need_a_gpu(script, option, args):
+    path = os.path.join(ROOT, script)
+    help_text = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, timeout=120)
+    assert help_text.returncode == 0 and option in help_text.stdout, help_text.stderr[-2000:]
+    result = subprocess.run([sys.executable, path, *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "gpu_bench.py needs an NVIDIA GPU with CuPy: install minparcae[gpu] on a machine with one."]
+    sentence = "needs an NVIDIA GPU with CuPy: install minparcae[gpu] on a machine with one."
+    assert result.stderr.strip().splitlines() == [f"{os.path.basename(script)} {sentence}"]

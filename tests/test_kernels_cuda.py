@@ -1,4 +1,6 @@
-"""The Numba CUDA kernels (minparcae/kernels/cuda.py) against the reference of the same op.
+"""The Numba CUDA kernels (minparcae/kernels/cuda.py) against the reference of the same op: each
+launch wrapper, then the op replacements that kernels.select gives a GPU (cuda.REPLACEMENTS), op by
+op through tests/replacements.py and all together in the model.
 
 Without a GPU these run under Numba's CUDA simulator (tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1),
 on NumPy arrays, at tiny shapes: rows of width 40 (and 5, narrower than a warp), 3 rows over 2
@@ -11,7 +13,7 @@ arrays) and tests/test_gpu.py checks every kernel at realistic sizes on CuPy arr
 
 Tolerance: float32 results within 1e-5 of the float32 reference, relative to the largest magnitude
 of the reference output (only the summation order differs); AdamW within 1e-6 relative; the whole
-model through the kernels within 1e-6 (loss) and 1e-5 (each gradient, normwise) of float64.
+model through the replacements within 1e-6 (loss) and 1e-5 (each gradient, normwise) of float64.
 """
 
 import sys
@@ -21,7 +23,8 @@ import pytest
 
 from minparcae import kernels, model, optim
 from minparcae.kernels import cuda as K
-from minparcae.ops import attention, cross_entropy, injection, rmsnorm, rotary
+from minparcae.ops import REFERENCE, attention, cross_entropy, injection, rmsnorm, rotary
+from replacements import EXERCISED, exercise, replaced
 
 TOL = 1e-5
 
@@ -41,9 +44,6 @@ def small_launches(monkeypatch):
     sys.setswitchinterval(interval)
 
 
-reference = kernels.reference
-
-
 def close(a, b, tol=TOL):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     assert a.shape == b.shape
@@ -55,12 +55,55 @@ def randn(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def test_registry_covers_the_contracts_in_float32_only():
-    contracts = {"rmsnorm_forward", "rmsnorm_backward", "rotary", "relu2_forward", "softmax_xent",
-                 "scatter_add", "attention_forward", "attention_backward"}
-    assert contracts <= set(K.KERNELS)
-    for func, dtypes in K.KERNELS.values():
-        assert callable(func) and dtypes == {np.dtype(np.float32)}
+def contiguous_rotary(monkeypatch):
+    """Make the replacements hand the rotary kernel a contiguous copy of qk_norm's strided head view:
+    Numba takes host arrays to the device, and to the simulator, only when they are contiguous. The
+    strided read itself runs on device arrays: on the CuPy stand-in (test_fakecupy.py) and on a GPU
+    (test_gpu.py)."""
+    kernel = K.rotary
+    monkeypatch.setattr(K, "rotary", lambda x, cos, sin: kernel(np.ascontiguousarray(x), cos, sin))
+
+
+# what each CUDA replacement replaces of its op; its other functions are the reference's
+CUDA_FUNCTIONS = {
+    "attention": {"forward", "backward"},
+    "cross_entropy": {"forward"},
+    "embedding": {"backward"},
+    "injection": {"state_forward", "state_backward"},
+    "mlp": {"forward", "backward"},
+    "qk_norm": {"forward", "backward"},
+    "rmsnorm": {"forward", "add_forward", "backward"},
+}
+
+
+def test_select_gives_the_cuda_replacements_in_float32_only(monkeypatch):
+    """kernels.select("gpu") is the reference with exactly the ops of cuda.REPLACEMENTS replaced,
+    each replacing the functions listed above; float64, or MINPARCAE_KERNELS=0, gets the reference."""
+    ops = kernels.select("gpu", np.float32)
+    for name in ops._fields:
+        assert getattr(ops, name) is K.REPLACEMENTS.get(name, getattr(REFERENCE, name)), name
+    assert dict(replaced(ops)) == CUDA_FUNCTIONS
+    assert kernels.select("gpu", np.float64) is REFERENCE
+    monkeypatch.setenv(kernels.KERNELS_ENV, "0")
+    assert kernels.select("gpu", np.float32) is REFERENCE
+
+
+@pytest.mark.parametrize("name, T, heads", [  # rmsnorm's inputs depend on neither T nor the heads
+    (name, T, heads) for name in sorted(K.REPLACEMENTS) for T, heads in [(2, (2, 2)), (9, (4, 2))]
+    if name != "rmsnorm" or T == 9])
+def test_every_replacement_matches_the_reference(name, T, heads, monkeypatch):
+    """Every function of an op that the CUDA set replaces, through tests/replacements.py, against the
+    reference op on the same float32 inputs: T = 2 and 9 positions, plain and grouped heads, rows of
+    width 40 over the two blocks of a launch."""
+    contiguous_rotary(monkeypatch)
+    fast = K.REPLACEMENTS[name]
+    assert CUDA_FUNCTIONS[name] <= EXERCISED[name]
+    got = exercise(name, fast, np.float32, T=T, hs=4, width=40, heads=heads)
+    want = exercise(name, getattr(REFERENCE, name), np.float32, T=T, hs=4, width=40, heads=heads)
+    assert got.keys() == want.keys()
+    for label in want:
+        assert np.asarray(got[label]).dtype == np.asarray(want[label]).dtype, label
+        close(got[label], want[label])
 
 
 @pytest.mark.parametrize("shape", [(3, 40), (2, 1, 5)])
@@ -69,12 +112,12 @@ def test_rmsnorm(shape, with_weight):
     rng = np.random.default_rng(0)
     x, g, res = randn(rng, *shape), randn(rng, *shape), randn(rng, *shape)
     w = (1 + 0.2 * randn(rng, shape[-1])) if with_weight else None
-    y_ref, cache = reference(rmsnorm.forward, x, w)
+    y_ref, cache = rmsnorm.forward(x, w)
     y, xhat, r = K.rmsnorm_forward(x, w, rmsnorm.EPS)
     close(y, y_ref)
-    close(xhat, cache[0])
-    close(r, cache[1])
-    grads = reference(rmsnorm.backward, g, cache)
+    close(xhat, cache.xhat)
+    close(r, cache.r)
+    grads = rmsnorm.backward(g, cache)
     dx, dw = K.rmsnorm_backward(g, xhat, r, w)
     close(dx, grads["x"])
     if with_weight:
@@ -83,23 +126,24 @@ def test_rmsnorm(shape, with_weight):
         assert dw is None
     # the residual add fused in: forward of x + res, backward plus the residual branch's gradient
     s, y2, xhat2, r2 = K.add_rmsnorm_forward(x, res, w, rmsnorm.EPS)
-    y2_ref, cache2 = reference(rmsnorm.forward, x + res, w)
+    y2_ref, cache2 = rmsnorm.forward(x + res, w)
     close(s, x + res)
     close(y2, y2_ref)
     dx2, _ = K.rmsnorm_backward(g, xhat2, r2, w, dres=res)
-    close(dx2, reference(rmsnorm.backward, g, cache2)["x"] + res)
+    close(dx2, rmsnorm.backward(g, cache2)["x"] + res)
 
 
 def test_rotary_forward_and_backward():
     """Contiguous input only: Numba takes host arrays to the device (or the simulator) only when
-    contiguous. The op's strided head view is a CuPy case, in tests/test_gpu.py."""
+    contiguous. The op's strided head view is a device-array case, in tests/test_fakecupy.py (on the
+    CuPy stand-in) and tests/test_gpu.py."""
     rng = np.random.default_rng(1)
     B, H, T, hs = 1, 2, 7, 6
     x = randn(rng, B, H, T, hs)
     cos, sin = rotary.tables(T, hs)
-    close(K.rotary(x, cos, sin), reference(rotary.forward, x, cos, sin)[0])
+    close(K.rotary(x, cos, sin), rotary.forward(x, cos, sin)[0])
     g = randn(rng, B, H, T, hs)
-    close(K.rotary(g, cos, -sin), reference(rotary.backward, g, (cos, sin))["x"])
+    close(K.rotary(g, cos, -sin), rotary.backward(g, rotary.Cache(cos, sin))["x"])
 
 
 def test_relu2_forward_and_backward():
@@ -144,21 +188,23 @@ def test_flash_attention(T, hs, tiles):
     rng = np.random.default_rng(5)
     q, k, v, dy = (randn(rng, 1, 2, T, hs) for _ in range(4))
     scale = hs ** -0.5
-    y_ref, cache_ref = attention.causal_attention_forward(q, k, v, scale)
+    y_ref, cache_ref = attention.forward(q, k, v, scale)
     y, cache = K.attention_forward(q, k, v, scale, tiles=tiles)
     close(y, y_ref)
-    for got, want in zip(K.attention_backward(dy, cache), attention.causal_attention_backward(dy, cache_ref)):
-        close(got, want)
+    want = attention.backward(dy, cache_ref)
+    for got, key in zip(K.attention_backward(dy, cache), "qkv"):
+        close(got, want[key])
 
 
 def test_simple_attention_kernel():
     rng = np.random.default_rng(6)
     q, k, v, dy = (randn(rng, 1, 2, 9, 4) for _ in range(4))
     y, cache = K.attention_forward_simple(q, k, v, 0.5)
-    y_ref, cache_ref = attention.causal_attention_forward(q, k, v, 0.5)
+    y_ref, cache_ref = attention.forward(q, k, v, 0.5)
     close(y, y_ref)
-    for got, want in zip(K.attention_backward(dy, cache), attention.causal_attention_backward(dy, cache_ref)):
-        close(got, want)
+    want = attention.backward(dy, cache_ref)
+    for got, key in zip(K.attention_backward(dy, cache), "qkv"):
+        close(got, want[key])
 
 
 def test_diagonal_injection():
@@ -263,12 +309,13 @@ def test_every_kernel_compiles_for_sm90(sm90_report):
         assert smem == K.flash_shared_bytes(*constants[:3]), (constants, smem)
 
 
-def test_model_through_the_cuda_kernels(monkeypatch):
-    """A small model (grouped heads, value embeddings, sequences of unequal depth) with every op
-    routed to the CUDA kernels, on NumPy arrays: loss and gradients within 1e-5 (normwise) of float64.
-    Rotary gets contiguous input here only because the simulator takes nothing else."""
-    routed = {name: (func, {np.dtype(np.float32)}) for name, (func, _) in K.KERNELS.items()}
-    routed["rotary"] = (lambda x, cos, sin: K.rotary(np.ascontiguousarray(x), cos, sin), routed["rotary"][1])
+def test_model_through_the_cuda_replacements(monkeypatch):
+    """A small model (grouped heads, value embeddings, sequences of unequal depth) run forward and
+    backward with the CUDA replacements (`ops` of kernels.select("gpu")) on NumPy float32 arrays:
+    loss and gradients within 1e-5 (normwise) of the reference in float64. qk_norm's rotary gets a
+    contiguous copy of its head view (`contiguous_rotary`)."""
+    contiguous_rotary(monkeypatch)
+    ops = REFERENCE._replace(**K.REPLACEMENTS)
     cfg = model.Config(vocab_size=32, context=8, d_model=16, n_head=2, n_kv_head=1, n_prelude=1,
                        n_recurrent=1, n_coda=1, mean_recurrence=2, backprop_depth=2, value_embeddings=True)
     rng = np.random.default_rng(9)
@@ -277,14 +324,16 @@ def test_model_through_the_cuda_kernels(monkeypatch):
     ids = rng.integers(0, cfg.vocab_size, (2, 6))
     h0 = model.initial_state(cfg, (2, 5, cfg.d_h), "like-init", rng, np.float32)
 
-    def run(p):
+    def run(p, ops):
         loss, cache, _ = model.forward(p, cfg, ids[:, :-1], ids[:, 1:], depths=np.array([2, 1]),
-                                       h0=h0.astype(p["wte"].dtype), train=True)
+                                       h0=h0.astype(p["wte"].dtype), train=True, ops=ops)
+        assert cache.ops is ops
         return loss, model.backward(p, cfg, cache)
 
-    loss64, grads64 = reference(run, {k: v.astype(np.float64) for k, v in p32.items()})
-    monkeypatch.setattr(kernels, "_load", lambda device: routed)
-    loss32, grads32 = run(p32)
+    loss64, grads64 = run({k: v.astype(np.float64) for k, v in p32.items()}, REFERENCE)
+    loss32, grads32 = run(p32, ops)
     assert abs(loss32 - loss64) <= 1e-6 * loss64
+    assert grads32.keys() == grads64.keys()
     for name, g in grads64.items():
+        assert grads32[name].dtype == np.float32, name
         assert np.linalg.norm(grads32[name] - g) <= 1e-5 * np.linalg.norm(g), name
