@@ -721,7 +721,7 @@ def _heads3(*arrays):
 
 
 def attention_forward(q, k, v, scale, tiles=None):
-    """(y, cache) of ops/attention.causal_attention_forward for q, k, v (B, H, T, hs), flash style: the
+    """(y, cache) of ops/attention.forward for q, k, v (B, H, T, hs) of equal heads, flash style: the
     cache holds y and the row log-sum-exps lse (B·H, T) instead of the (T, T) probabilities."""
     xp = array_module(q)
     q3, k3, v3 = _heads3(q, k, v)
@@ -745,7 +745,7 @@ def attention_forward_simple(q, k, v, scale):
 
 
 def attention_backward(dy, cache):
-    """(dq, dk, dv) of ops/attention.causal_attention_backward from the flash cache."""
+    """(dq, dk, dv) of ops/attention.backward, from the flash cache."""
     q3, k3, v3, y, lse, scale, tiles = cache
     BQ, BK, TPR = tiles
     BH, T, hs = q3.shape
