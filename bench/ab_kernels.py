@@ -2,12 +2,12 @@
 it (everything else as train.py runs it), alternately, in one process.
 
     python bench/ab_kernels.py attention                 # medium, μ_rec 16
-    python bench/ab_kernels.py adamw --size tiny --loops 4 --repeats 10
+    python bench/ab_kernels.py rmsnorm,qk_norm,mlp --size tiny --loops 4 --repeats 10
     python bench/ab_kernels.py split --loops 4           # the runtime's batch split over the cores
 
-The names: an op that kernels/cpu.py replaces (without it: the reference op), `adamw` (without it:
-optim.adamw_update) and `split` (without it: model.forward and model.backward on the whole batch,
-BLAS multithreaded, instead of runtime.loss_and_grads). A step is what bench_train.py times:
+The names: ops that kernels/cpu.py replaces, weighed together when several are given (without
+them: the reference ops), or `split` (without it: model.forward and model.backward on the whole
+batch, BLAS multithreaded, instead of runtime.loss_and_grads). A step is what bench_train.py times:
 forward, backward and AdamW. Each repeat times one step each way, back to back, so the speed-up
 reported is the median over repeats of (time without) / (time with), which holds when the
 machine's speed drifts between repeats; the quartiles show the spread. A fast path stays only
@@ -27,17 +27,20 @@ from minparcae.kernels import cpu
 from minparcae.ops import REFERENCE
 from sizes import SIZES
 
-CHOICES = sorted(cpu.REPLACEMENTS) + ["adamw", "split"]
+CHOICES = sorted(cpu.REPLACEMENTS) + ["split"]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("path", choices=CHOICES, help="the fast path to weigh")
+    ap.add_argument("paths", help=f"comma-separated, from {', '.join(CHOICES)}")
     ap.add_argument("--size", default="medium", choices=sorted(SIZES))
     ap.add_argument("--loops", type=int, default=16, help="μ_rec (every sequence runs this many steps)")
     ap.add_argument("--backprop-depth", type=int, default=2, help="μ_bwd")
     ap.add_argument("--repeats", type=int, default=6)
     args = ap.parse_args()
+    paths = args.paths.split(",")
+    if set(paths) - set(CHOICES) or ("split" in paths and len(paths) > 1):
+        ap.error(f"name ops from {', '.join(CHOICES[:-1])}, or split alone")
     if min(args.loops, args.backprop_depth, args.repeats) < 1:
         ap.error("--loops, --backprop-depth and --repeats must be at least 1")
     base, B = SIZES[args.size]
@@ -49,26 +52,19 @@ def main():
     depths = np.full(B, cfg.mean_recurrence)
     params = model.init_params(cfg, seed=0, dtype=np.float32)
     fast = kernels.for_array(params["wte"])
-    update = kernels.adamw_update(params["wte"])
-    without = {"ops": fast, "update": update, "split": True}
-    if args.path == "adamw":
-        without["update"] = None
-    elif args.path == "split":
-        without["split"] = False
+    if paths == ["split"]:
+        sides = {True: (fast, True), False: (fast, False)}
     else:
-        without["ops"] = fast._replace(**{args.path: getattr(REFERENCE, args.path)})
-    sides = {True: {"ops": fast, "update": update, "split": True}, False: without}
-    opts = {on: optim.AdamW(update=side["update"]) for on, side in sides.items()}
+        sides = {True: (fast, True), False: (fast._replace(**{p: getattr(REFERENCE, p) for p in paths}), True)}
+    opts = {on: optim.AdamW() for on in sides}
 
     def step(on):
-        side = sides[on]
+        ops, split = sides[on]
         t0 = time.perf_counter()
-        if side["split"]:
-            _, grads, _ = runtime.loss_and_grads(params, cfg, ids, targets, depths=depths, h0=h0,
-                                                 ops=side["ops"])
+        if split:
+            _, grads, _ = runtime.loss_and_grads(params, cfg, ids, targets, depths=depths, h0=h0, ops=ops)
         else:
-            _, cache, _ = model.forward(params, cfg, ids, targets, depths=depths, h0=h0, train=True,
-                                        ops=side["ops"])
+            _, cache, _ = model.forward(params, cfg, ids, targets, depths=depths, h0=h0, train=True, ops=ops)
             grads = model.backward(params, cfg, cache)
         opts[on].step(params, grads, LR)
         return time.perf_counter() - t0
@@ -82,7 +78,7 @@ def main():
     ratios = [off / on for on, off in zip(times[True], times[False])]
     q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
     print(f"{args.size}, μ_rec {cfg.mean_recurrence} / μ_bwd {cfg.backprop_depth}, {B} × {cfg.context} "
-          f"tokens, threads {runtime.threads()}: {args.path}\n"
+          f"tokens, threads {runtime.threads()}: {args.paths}\n"
           f"  with {statistics.median(times[True]) * 1e3:.0f} ms, without "
           f"{statistics.median(times[False]) * 1e3:.0f} ms per step (medians of {args.repeats}); "
           f"speed-up {statistics.median(ratios):.3f} (quartiles {q1:.3f}-{q3:.3f})")

@@ -52,7 +52,7 @@ def main():
         torch.autograd.grad(y, (tq, tk, tv), tdy)
         return t1 - t0, time.perf_counter() - t1
 
-    runs = {"minparcae fast path": numpy_pair(cpu.forward, cpu.backward),
+    runs = {"minparcae fast path": numpy_pair(cpu.attention_forward, cpu.attention_backward),
             "minparcae reference": numpy_pair(attention.forward, attention.backward),
             "torch SDPA": torch_run}
     times = {name: [] for name in runs}

@@ -6,8 +6,11 @@ functions, signatures and results (up to rounding); a replacement that has nothi
 of an op's functions keeps the reference's (`replace`). A replacement's cache is its own: only its
 own backward reads it. Which are replaced:
 
-    cpu   (kernels/cpu.py, Numba njit)   attention: the causal core in row blocks, never computing
-                                         the blocks above the diagonal; and the AdamW update
+    cpu   (kernels/cpu.py, Numba njit)   rmsnorm, qk_norm (rotary and the norm in one pass), mlp
+                                         (ReLU²), cross_entropy (softmax and gradient in three
+                                         passes), embedding (its backward's scatter-add), attention
+                                         (the causal core in row blocks, never computing the
+                                         blocks above the diagonal)
     gpu   (kernels/cuda.py, Numba CUDA,  rmsnorm (the residual add fused), qk_norm (rotary and the
            float32 only)                 norm), mlp (ReLU²), attention (flash: never the T × T
                                          matrix), cross_entropy (softmax and gradient in one pass),
@@ -16,8 +19,8 @@ own backward reads it. Which are replaced:
                                          (`adamw_update`)
 
 A CPU replacement stays only while a same-run A/B (`python bench/ab_kernels.py`) shows its gain
-outside noise (bench/RESULTS.md: the Numba RMSNorm, ReLU², rotary + QK-norm, cross-entropy and
-scatter-add kernels did not, and went). The GPU ones await that measurement on a GPU.
+outside noise, alone or with the row-wise ones it belongs with (bench/RESULTS.md; a one-pass AdamW
+and a product split over threads did not, and went). The GPU ones await that measurement on a GPU.
 Matrix products are never replaced: they go to BLAS and cuBLAS.
 
 MINPARCAE_KERNELS=0 makes `select` return the reference for every device.
@@ -68,13 +71,8 @@ def for_array(x):
 
 def adamw_update(x):
     """The fast AdamW update (optim.AdamW's `update`) for parameters like x, or None for the
-    reference's."""
-    if not enabled():
-        return None
-    if array_module(x) is np:
-        from . import cpu
-        return cpu.adamw_update
-    if np.dtype(x.dtype) != np.float32:
+    reference's (on the CPU, NumPy's)."""
+    if not enabled() or array_module(x) is np or np.dtype(x.dtype) != np.float32:
         return None
     from . import cuda
     return cuda.adamw_step
