@@ -82,10 +82,12 @@ def heads(t):
 
 
 def layer(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gate=None):
-    """model.attention_forward with the weights as arguments: the layer "L" of a parameter dict."""
+    """model.attention_forward with the weights as arguments: the layer "L" of a parameter dict,
+    with [W_q W_k W_v] side by side as model.with_fused_qkv puts them (one product for the three)."""
     p = {"L.attn.wq": wq, "L.attn.wk": wk, "L.attn.wv": wv, "L.attn.wo": wo, "L.attn.ve_gate": w_gate}
+    fused = {**p, "L.attn.wqkv": np.concatenate([wq, wk, wv], axis=1)}
     heads_of = SimpleNamespace(n_head=n_head, kv_heads=n_kv_head)
-    out, cache = model.attention_forward(p, "L", x, (cos, sin), heads_of, REFERENCE, ve)
+    out, cache = model.attention_forward(fused, "L", x, (cos, sin), heads_of, REFERENCE, ve)
     return out, (cache, p)
 
 

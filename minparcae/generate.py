@@ -226,20 +226,22 @@ def evaluate(params, cfg, batches, n_loops=None, adaptive=None, epsilon=1e-3, op
     return total / count, total_loops / count
 
 
-def benchmark(params, cfg, n_tokens, loops, prompt_len=8, seed=0, ops=REFERENCE):
+def benchmark(params, cfg, n_tokens, loops, prompt_len=8, seed=0, repeats=3, ops=REFERENCE):
     """Greedy generation speed, cached against uncached: rows of (loops, uncached tokens/s,
-    cached tokens/s), each run once after a short warm-up."""
+    cached tokens/s), each the median of `repeats` runs taken in turns after a short warm-up."""
     prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, (1, prompt_len))
     rows = []
     for n in loops:
-        rates = []
         for cache in (False, True):
             generate(params, cfg, prompt, 2, n_loops=n, temperature=0, cache=cache, ops=ops)
-            t0 = time.perf_counter()
-            generate(params, cfg, prompt, n_tokens, n_loops=n, temperature=0, cache=cache, ops=ops)
-            backend.synchronize()
-            rates.append(n_tokens / (time.perf_counter() - t0))
-        rows.append((n, *rates))
+        rates = {False: [], True: []}
+        for _ in range(repeats):
+            for cache in (False, True):
+                t0 = time.perf_counter()
+                generate(params, cfg, prompt, n_tokens, n_loops=n, temperature=0, cache=cache, ops=ops)
+                backend.synchronize()
+                rates[cache].append(n_tokens / (time.perf_counter() - t0))
+        rows.append((n, float(np.median(rates[False])), float(np.median(rates[True]))))
     return rows
 
 
@@ -251,14 +253,16 @@ if __name__ == "__main__":
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--loops", default="4,16")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None, choices=["cpu", "gpu", "auto"])
     args = ap.parse_args()
     backend.use_device(args.device)
     cfg = model.preset(args.preset)
     params = model.init_params(cfg)
     ops = kernels.for_array(params["wte"])
-    print(f"{args.preset}, {args.tokens} tokens, greedy, batch 1, {backend.device()}\n")
+    print(f"{args.preset}, {args.tokens} tokens, greedy, batch 1, {backend.device()}, "
+          f"medians of {args.repeats}\n")
     print("| loops | uncached tokens/s | cached tokens/s | speed-up |\n|---|---|---|---|")
     for n, slow, fast in benchmark(params, cfg, args.tokens, [int(n) for n in args.loops.split(",")],
-                                   ops=ops):
+                                   repeats=args.repeats, ops=ops):
         print(f"| {n} | {slow:.1f} | {fast:.1f} | {fast / slow:.1f}× |")

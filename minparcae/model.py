@@ -31,6 +31,10 @@ batch. Only those steps keep activations, so activation memory grows with μ_bwd
 gradients do not flow into the states before them (truncated backprop through the loop).
 
 Parameters are one flat dict name -> array; matrices are stored (in, out) so a layer is `x @ W`.
+The layers are built from an op set (`ops`, default ops.REFERENCE: the math as written in
+minparcae/ops); decoding runs the same `forward` with a KVCache and, for adaptive depth, an exit
+rule (minparcae/generate.py). This file holds the model's math only: threads and fast paths are
+chosen by its callers (minparcae/runtime.py, minparcae/kernels).
 """
 
 import math
@@ -356,21 +360,30 @@ class BlockCache(NamedTuple):
     mlp: object
 
 
+def with_fused_qkv(p, cfg):
+    """p and, for every layer, "<layer>.attn.wqkv" = [W_q W_k W_v] side by side: the q, k, v
+    projections as one product, which BLAS runs faster than three narrower ones. Made once per
+    forward (a loop step runs the same core layers again; a decoded token runs every layer on one
+    row, where copying the weights would cost more than the product)."""
+    xp = array_module(p["wte"])
+    return {**p, **{f"{name}.attn.wqkv": xp.concatenate(
+        [p[f"{name}.attn.wq"], p[f"{name}.attn.wk"], p[f"{name}.attn.wv"]], axis=1)
+        for name, _ in layers(cfg)}}
+
+
 def attention_forward(p, name, x, rope, cfg, ops, ve=None, kv=None):
     """One self-attention layer on x (N, T, w), H query and H_kv key/value heads of size hs:
 
-        [q k v] = x [W_q W_k W_v]               one product, the heads side by side
+        [q k v] = x [W_q W_k W_v]               one product (p from with_fused_qkv), heads side by side
         v ← v + 2σ(x[..., :n_g] W_g) · ve        with a value embedding: one gate per KV head
         q, k ← QK-norm(RoPE(·))                  ops.qk_norm
         Y = causal softmax(q kᵀ / √hs) v          ops.attention (with the KV cache slot `kv`)
         y = concat_heads(Y) W_o
     """
-    xp = array_module(x)
     N, T, _ = x.shape
     H, H_kv = cfg.n_head, cfg.kv_heads
     hs = p[f"{name}.attn.wq"].shape[1] // H
-    w_qkv = xp.concatenate([p[f"{name}.attn.wq"], p[f"{name}.attn.wk"], p[f"{name}.attn.wv"]], axis=1)
-    qkv, c_qkv = ops.linear.forward(x, w_qkv)
+    qkv, c_qkv = ops.linear.forward(x, p[f"{name}.attn.wqkv"])
     qkv = qkv.reshape(N, T, H + 2 * H_kv, hs)
     v = qkv[:, :, H + H_kv:].transpose(0, 2, 1, 3)  # (N, H_kv, T, hs)
     gate = None
@@ -531,6 +544,7 @@ def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=N
     if kv is not None and depths.max() > kv.n_loops:
         raise ValueError(f"{depths.max()} loop steps need more KV slots than the cache's {kv.n_loops}.")
 
+    p = with_fused_qkv(p, cfg)
     x, rope, ve, (c_wte, c_ve, c_prelude) = prelude_forward(p, cfg, ids, ops, start, kv)
     if cfg.looped:
         e, c_pn = ops.rmsnorm.forward(x, p["prelude_norm"])
@@ -605,6 +619,7 @@ def coda_forward(p, cfg, h, rope, ve, ops, kv=None, idx=None):
 def state_after(p, cfg, ids, n_steps, h0):
     """The loop state h_n after n_steps iterations from h0 (no gradient kept): for analysis, and
     for building the truncated loss in the tests."""
+    p = with_fused_qkv(p, cfg)
     x, rope, ve, _ = prelude_forward(p, cfg, ids, REFERENCE)
     e, _ = REFERENCE.rmsnorm.forward(x, p["prelude_norm"])
     depths = np.full(ids.shape[0], n_steps)
