@@ -55,10 +55,14 @@ h0 = model.initial_state(cfg, (B, T_seq, cfg.d_h), "seeded", dtype=np.float64)
 # table serves every block
 rope = rotary.tables(T_seq, cfg.d_model // cfg.n_head, cfg.rope_base, dtype=np.float64)
 
+# Each attention layer makes q, k and v in one product with [W_q W_k W_v] side by side;
+# model.forward lays those out once per forward (`with_fused_qkv`), and so does this lesson.
+pf = model.with_fused_qkv(p, cfg)
+
 # Prelude: embed, run the prelude blocks once, normalise. e is fixed for the whole loop.
 x, _ = embedding.forward(ids, p["wte"])                                  # (B, T_seq, d)
 for i in range(cfg.n_prelude):
-    x, _ = model.block_forward(p, f"prelude.{i}", x, rope, cfg, REFERENCE)
+    x, _ = model.block_forward(pf, f"prelude.{i}", x, rope, cfg, REFERENCE)
 e, _ = rmsnorm.forward(x, p["prelude_norm"])
 
 # Recurrence: h_t = R(Ā h_{t−1} + B̄ e). B̄e does not change between steps, so it is computed once
@@ -69,14 +73,14 @@ h = h0
 for _ in range(T):
     x, _ = injection.state_forward(cfg.injection, p, h, u)               # Ā h + B̄ e
     for i in range(cfg.n_recurrent):
-        x, _ = model.block_forward(p, f"core.{i}", x, rope, cfg, REFERENCE)
+        x, _ = model.block_forward(pf, f"core.{i}", x, rope, cfg, REFERENCE)
     h = x
 
 # Coda: map the state back to the model width with C, run the coda blocks, read out through the
 # tied embedding.
 x = h @ p["C"]
 for i in range(cfg.n_coda):
-    x, _ = model.block_forward(p, f"coda.{i}", x, rope, cfg, REFERENCE)
+    x, _ = model.block_forward(pf, f"coda.{i}", x, rope, cfg, REFERENCE)
 x, _ = rmsnorm.forward(x, p["final_norm"])
 logits_by_hand = x @ p["wte"].T                                          # (B, T_seq, V)
 

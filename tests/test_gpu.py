@@ -190,8 +190,10 @@ def test_attention_layer_with_grouped_heads_and_value_embedding():
     rope = rotary.tables(T, hs, cfg.rope_base, xp=cp)
     dout = randn(B, T, cfg.d_model, seed=28)
     results = []
+    fused = {**p, f"{name}.attn.wqkv": cp.concatenate([p[f"{name}.attn.{w}"] for w in ("wq", "wk", "wv")],
+                                                      axis=1)}  # as model.with_fused_qkv lays them out
     for ops in (fast_ops(), REFERENCE):
-        y, cache = model.attention_forward(p, name, x, rope, cfg, ops, ve=ve)
+        y, cache = model.attention_forward(fused, name, x, rope, cfg, ops, ve=ve)
         grads = {k: cp.zeros_like(a) for k, a in p.items()}
         dx, dve = model.attention_backward(dout, cache, name, grads, ops)
         results.append({"y": y, "dx": dx, "dve": dve, **grads})
