@@ -5,7 +5,7 @@ It reads minparcae's parameter dict as is: the same names, matrices stored (in, 
 layer is `x @ W`. `cfg` is any object with minparcae's Config fields. The model, in autograd terms:
 
     x = wte[ids] → prelude blocks                                      (B, T, d)
-    e = RMSNorm(x) · prelude_norm                                      fixed for the loop
+    e = RMSNorm(x) · prelude_norm  (or e = x without a prelude norm)   fixed for the loop
     h_t = R(inject(h_{t−1}, e)),  t = 1..S,  S = max(depths)           (B, T, d_h)
         diagonal  Ā ⊙ h + Δ ⊙ (e B),  Δ = softplus(dt_bias), Ā = exp(−Δ · exp(A_log))
         linear    h W[:d_h] + e W[d_h:]
@@ -14,9 +14,11 @@ layer is `x @ W`. `cfg` is any object with minparcae's Config fields. The model,
     loss = mean cross-entropy of s·logits (or c·tanh(s·logits / c) with a soft-cap c)
 
 Each block: x += attn(RMSNorm(x) · norm1); x += ½ relu(RMSNorm(x) · norm2 @ fc)² @ proj, RMSNorm
-with eps 1e-5. Attention: q, k, v projections (k, v with H_kv ≤ H heads); v += 2σ(x[..., :32] W_g) · ve
-where the block has a value embedding; rotary on adjacent pairs, then a weightless RMSNorm of q and
-k; causal softmax(q kᵀ / √hs) v; the output projection.
+with eps 1e-5. Attention: q, k, v projections (k, v with H_kv ≤ H heads in the prelude and coda;
+the recurrent block has n_recurrent_head heads, each with its own k and v); v += 2σ(x[..., :32] W_g)
+· ve where the block has a value embedding; rotary on adjacent pairs, then a weightless RMSNorm of
+q and k with the dtype's machine epsilon (PyTorch's default, as in the official Parcae code);
+causal softmax(q kᵀ / √hs) v; the output projection.
 
 "none" is the plain transformer: the core blocks run once on the prelude output. Sequence b with
 depth D_b joins the loop at step S − D_b and keeps its state until then (right-aligned), so its
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-5  # every RMSNorm, QK-norm included
+EPS = 1e-5  # the blocks' RMSNorms; QK-norm uses PyTorch's default (the dtype's machine epsilon)
 IGNORE_INDEX = -1
 
 
@@ -36,8 +38,12 @@ def d_state(cfg):
     return cfg.d_state or cfg.d_model
 
 
-def kv_heads(cfg):
-    return cfg.n_kv_head or cfg.n_head
+def heads(cfg, name):
+    """(query heads, key/value heads) of block `name`."""
+    if name.startswith("core."):
+        h = cfg.n_recurrent_head or cfg.n_head
+        return h, h
+    return cfg.n_head, cfg.n_kv_head or cfg.n_head
 
 
 def block_names(cfg):
@@ -72,8 +78,9 @@ def rms_norm(x, weight=None):
 
 def attention(p, name, x, rope, cfg, ve):
     B, T, w = x.shape
-    H, H_kv = cfg.n_head, kv_heads(cfg)
+    H, H_kv = heads(cfg, name)
     hs = w // H
+    rope = rope[hs]
     q = (x @ p[f"{name}.attn.wq"]).view(B, T, H, hs).transpose(1, 2)  # (B, H, T, hs)
     k = (x @ p[f"{name}.attn.wk"]).view(B, T, H_kv, hs).transpose(1, 2)  # (B, H_kv, T, hs)
     v = (x @ p[f"{name}.attn.wv"]).view(B, T, H_kv, hs).transpose(1, 2)
@@ -81,8 +88,8 @@ def attention(p, name, x, rope, cfg, ve):
         w_gate = p[f"{name}.attn.ve_gate"]  # (n_g, H_kv)
         gate = 2 * torch.sigmoid(x[..., : w_gate.shape[0]] @ w_gate)  # (B, T, H_kv)
         v = v + gate.transpose(1, 2)[..., None] * ve.view(B, T, H_kv, hs).transpose(1, 2)
-    q = rms_norm(rotate_pairs(q, *rope))
-    k = rms_norm(rotate_pairs(k, *rope))
+    q = F.rms_norm(rotate_pairs(q, *rope), (hs,))  # eps None: the machine epsilon
+    k = F.rms_norm(rotate_pairs(k, *rope), (hs,))
     # query head h reads key/value head h // (H / H_kv)
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hs ** -0.5,
                                        enable_gqa=H != H_kv)  # (B, H, T, hs)
@@ -146,19 +153,20 @@ def loss_fn(p, cfg, ids, targets, depths, h0):
     h0: (B, T, d_h)."""
     T = ids.shape[1]
     wte = p["wte"]
-    rope = {w: rope_tables(T, w // cfg.n_head, cfg.rope_base, wte) for w in {cfg.d_model, d_state(cfg)}}
+    sizes = {cfg.d_model // cfg.n_head, d_state(cfg) // heads(cfg, "core.0")[0]}
+    rope = {hs: rope_tables(T, hs, cfg.rope_base, wte) for hs in sizes}  # by head size
     ve = {n: p[f"ve.{n}"][ids] for n in value_embedding_names(cfg)}  # (B, T, H_kv·hs)
     x = wte[ids]  # (B, T, d)
     for i in range(cfg.n_prelude):
-        x = block(p, f"prelude.{i}", x, rope[cfg.d_model], cfg, ve.get(f"prelude.{i}"))
+        x = block(p, f"prelude.{i}", x, rope, cfg, ve.get(f"prelude.{i}"))
     if cfg.injection == "none":
         for i in range(cfg.n_recurrent):
-            x = block(p, f"core.{i}", x, rope[cfg.d_model], cfg, ve.get(f"core.{i}"))
+            x = block(p, f"core.{i}", x, rope, cfg, ve.get(f"core.{i}"))
     else:
-        e = rms_norm(x, p["prelude_norm"])
-        x = loop(p, cfg, e, h0, depths, rope[d_state(cfg)], ve) @ p["C"]
+        e = rms_norm(x, p["prelude_norm"]) if "prelude_norm" in p else x
+        x = loop(p, cfg, e, h0, depths, rope, ve) @ p["C"]
     for i in range(cfg.n_coda):
-        x = block(p, f"coda.{i}", x, rope[cfg.d_model], cfg, ve.get(f"coda.{i}"))
+        x = block(p, f"coda.{i}", x, rope, cfg, ve.get(f"coda.{i}"))
     x = rms_norm(x, p["final_norm"])
     logits = x @ (wte.T if cfg.tie_embeddings else p["lm_head"])  # (B, T, V)
     z = logits * cfg.logit_scale

@@ -11,8 +11,6 @@ lesson builds the forward from its pieces, checks that the pieces do what they p
 the backward with finite differences.
 """
 
-from types import SimpleNamespace
-
 import numpy as np
 
 from minparcae import model
@@ -86,8 +84,7 @@ def layer(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gate=None):
     with [W_q W_k W_v] side by side as model.with_fused_qkv puts them (one product for the three)."""
     p = {"L.attn.wq": wq, "L.attn.wk": wk, "L.attn.wv": wv, "L.attn.wo": wo, "L.attn.ve_gate": w_gate}
     fused = {**p, "L.attn.wqkv": np.concatenate([wq, wk, wv], axis=1)}
-    heads_of = SimpleNamespace(n_head=n_head, kv_heads=n_kv_head)
-    out, cache = model.attention_forward(fused, "L", x, (cos, sin), heads_of, REFERENCE, ve)
+    out, cache = model.attention_forward(fused, "L", x, (cos, sin), (n_head, n_kv_head), REFERENCE, ve)
     return out, (cache, p)
 
 

@@ -33,11 +33,11 @@ rng = np.random.default_rng(0)
 
 cfg = model.Config(vocab_size=64, context=16, d_model=16, n_head=2, n_prelude=1, n_recurrent=2,
                    n_coda=1, mean_recurrence=4, backprop_depth=2)
-print("blocks:", [name for name, _ in model.layers(cfg)])
+print("blocks:", [spec.name for spec in model.layers(cfg)])
 shapes = model.param_shapes(cfg)
 print("injection and read-out:", {k: v for k, v in shapes.items()
                                    if k.startswith(("inject.", "C", "prelude_norm"))})
-assert [name for name, _ in model.layers(cfg)] == ["prelude.0", "core.0", "core.1", "coda.0"]
+assert [spec.name for spec in model.layers(cfg)] == ["prelude.0", "core.0", "core.1", "coda.0"]
 
 # ---------------------------------------------------------------------------------------------
 # 2. The forward pass, assembled by hand.
@@ -51,9 +51,9 @@ p = {k: v + 0.3 * rng.standard_normal(v.shape)
 B, T_seq, T = 2, 12, 5                       # batch, sequence length, loop steps
 ids = rng.integers(0, cfg.vocab_size, (B, T_seq))
 h0 = model.initial_state(cfg, (B, T_seq, cfg.d_h), "seeded", dtype=np.float64)
-# rotary cos/sin tables (lesson 5); the loop state has the model's width here (d_h = d), so one
-# table serves every block
-rope = rotary.tables(T_seq, cfg.d_model // cfg.n_head, cfg.rope_base, dtype=np.float64)
+# rotary cos/sin tables (lesson 5), by head size; every block here has heads of size d / n_head
+hs = cfg.d_model // cfg.n_head
+rope = {hs: rotary.tables(T_seq, hs, cfg.rope_base, dtype=np.float64)}
 
 # Each attention layer makes q, k and v in one product with [W_q W_k W_v] side by side;
 # model.forward lays those out once per forward (`with_fused_qkv`), and so does this lesson.

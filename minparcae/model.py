@@ -39,6 +39,7 @@ chosen by its callers (minparcae/runtime.py, minparcae/kernels).
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -49,7 +50,7 @@ from .ops import REFERENCE, attention, injection, rotary
 from .ops.linear import rows_matmul, rows_t_matmul  # x @ W and Σ xᵀG as one product each
 
 INJECTIONS = injection.KINDS + ("none",)
-STATE_INITS = ("like-init", "seeded", "zero")
+STATE_INITS = ("like-init", "seeded", "zero", "normal", "embed", "unit")
 EVAL_STATE_SEED = 1234
 
 
@@ -60,8 +61,11 @@ class Config:
     d_model: int = 128  # d: embeddings, prelude and coda
     d_state: int | None = None  # d_h: loop state and recurrent block (None: d_model)
     n_head: int = 4
-    n_kv_head: int | None = None  # None: n_head (no grouping)
+    n_kv_head: int | None = None  # prelude and coda key/value heads (None: n_head, no grouping)
+    n_recurrent_head: int | None = None  # the recurrent block's heads, all with their own k, v
     mlp_ratio: int = 4
+    d_mlp: int | None = None  # prelude and coda MLP hidden width (None: mlp_ratio · d_model)
+    d_mlp_recurrent: int | None = None  # the recurrent block's MLP width (None: mlp_ratio · d_h)
     n_prelude: int = 1
     n_recurrent: int = 2
     n_coda: int = 1
@@ -70,6 +74,7 @@ class Config:
     injection: str = "diagonal"  # diagonal | linear | add | none (fixed-depth baseline)
     state_init: str = "like-init"  # initial state in training
     eval_state: str = "seeded"  # initial state in evaluation: seeded | zero | like-init
+    prelude_norm: bool = True  # RMSNorm (with a weight) between the prelude and the loop
     tie_embeddings: bool = True
     logit_scale: float = 1.0
     logit_softcap: float | None = None
@@ -81,11 +86,13 @@ class Config:
         problems = []
         if self.injection not in INJECTIONS:
             problems.append(f"injection must be one of {', '.join(INJECTIONS)}")
-        for w in (self.d_model, d_h):
-            if w % self.n_head or (w // self.n_head) % 2:
-                problems.append(f"width {w} must split into {self.n_head} heads of even size")
-        if self.n_head % kv:
+        for w, h in {(self.d_model, self.n_head), (d_h, self.recurrent_heads)}:
+            if h < 1 or w % h or (w // h) % 2:
+                problems.append(f"width {w} must split into {h} heads of even size")
+        if kv < 1 or self.n_head % kv:
             problems.append(f"n_kv_head={kv} must divide n_head={self.n_head}")
+        if min(self.d_model, d_h, self.mlp_hidden, self.mlp_hidden_recurrent) < 1:
+            problems.append("widths must be at least 1")
         if self.injection in ("add", "none") and d_h != self.d_model:
             problems.append(f"injection '{self.injection}' needs d_state == d_model")
         if min(self.mean_recurrence, self.backprop_depth, self.n_recurrent) < 1:
@@ -102,6 +109,18 @@ class Config:
     @property
     def kv_heads(self):
         return self.n_kv_head or self.n_head
+
+    @property
+    def recurrent_heads(self):
+        return self.n_recurrent_head or self.n_head
+
+    @property
+    def mlp_hidden(self):
+        return self.d_mlp or self.mlp_ratio * self.d_model
+
+    @property
+    def mlp_hidden_recurrent(self):
+        return self.d_mlp_recurrent or self.mlp_ratio * self.d_h
 
     @property
     def looped(self):
@@ -155,18 +174,42 @@ def fixed_depth_baseline(cfg):
 
 # ----------------------------------------------------------------------------- parameters
 
+class Layer(NamedTuple):
+    """One block's shape. Prelude and coda blocks have the model's width, n_head query heads and
+    n_kv_head key/value heads; the recurrent block's have the state's width d_h and
+    n_recurrent_head heads, each with its own keys and values (no grouping inside the loop)."""
+    name: str  # prelude.i, core.i or coda.i
+    width: int
+    heads: int
+    kv_heads: int
+    hidden: int  # the MLP's hidden width
+
+    @property
+    def head_size(self):
+        return self.width // self.heads
+
+
+@lru_cache(maxsize=64)
 def layers(cfg):
-    """(name, width) of every block in order: prelude.i, core.i, coda.i."""
-    return ([(f"prelude.{i}", cfg.d_model) for i in range(cfg.n_prelude)]
-            + [(f"core.{i}", cfg.d_h) for i in range(cfg.n_recurrent)]
-            + [(f"coda.{i}", cfg.d_model) for i in range(cfg.n_coda)])
+    """Every block in order: prelude.i, core.i, coda.i, as Layer tuples."""
+    outside = (cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.mlp_hidden)
+    core = (cfg.d_h, cfg.recurrent_heads, cfg.recurrent_heads, cfg.mlp_hidden_recurrent)
+    return tuple([Layer(f"prelude.{i}", *outside) for i in range(cfg.n_prelude)]
+                 + [Layer(f"core.{i}", *core) for i in range(cfg.n_recurrent)]
+                 + [Layer(f"coda.{i}", *outside) for i in range(cfg.n_coda)])
+
+
+@lru_cache(maxsize=64)
+def layer(cfg, name):
+    """The Layer called `name`."""
+    return {spec.name: spec for spec in layers(cfg)}[name]
 
 
 def value_embedding_layers(cfg):
     """Names of the blocks with a value-embedding table: every other one, counting back from the last."""
     if not cfg.value_embeddings:
         return []
-    names = [name for name, _ in layers(cfg)]
+    names = [spec.name for spec in layers(cfg)]
     return [n for i, n in enumerate(names) if (len(names) - 1 - i) % 2 == 0]
 
 
@@ -179,21 +222,22 @@ def param_shapes(cfg):
     V, d, d_h = cfg.vocab_size, cfg.d_model, cfg.d_h
     ve_layers = value_embedding_layers(cfg)
     shapes = {"wte": (V, d)}
-    for name, w in layers(cfg):
-        hs = w // cfg.n_head
+    for name, w, H, H_kv, m in layers(cfg):
+        hs = w // H
         shapes[f"{name}.norm1"] = (w,)
-        shapes[f"{name}.attn.wq"] = (w, cfg.n_head * hs)
-        shapes[f"{name}.attn.wk"] = (w, cfg.kv_heads * hs)
-        shapes[f"{name}.attn.wv"] = (w, cfg.kv_heads * hs)
-        shapes[f"{name}.attn.wo"] = (cfg.n_head * hs, w)
+        shapes[f"{name}.attn.wq"] = (w, H * hs)
+        shapes[f"{name}.attn.wk"] = (w, H_kv * hs)
+        shapes[f"{name}.attn.wv"] = (w, H_kv * hs)
+        shapes[f"{name}.attn.wo"] = (H * hs, w)
         if name in ve_layers:
-            shapes[f"{name}.attn.ve_gate"] = (_gate_inputs(w), cfg.kv_heads)
-            shapes[f"ve.{name}"] = (V, cfg.kv_heads * hs)
+            shapes[f"{name}.attn.ve_gate"] = (_gate_inputs(w), H_kv)
+            shapes[f"ve.{name}"] = (V, H_kv * hs)
         shapes[f"{name}.norm2"] = (w,)
-        shapes[f"{name}.mlp.fc"] = (w, cfg.mlp_ratio * w)
-        shapes[f"{name}.mlp.proj"] = (cfg.mlp_ratio * w, w)
-    if cfg.looped:
+        shapes[f"{name}.mlp.fc"] = (w, m)
+        shapes[f"{name}.mlp.proj"] = (m, w)
+    if cfg.looped and cfg.prelude_norm:
         shapes["prelude_norm"] = (d,)
+    if cfg.looped:
         if cfg.injection == "diagonal":
             shapes.update({"inject.A_log": (d_h,), "inject.dt_bias": (d_h,), "inject.B": (d, d_h)})
         elif cfg.injection == "linear":
@@ -207,18 +251,17 @@ def param_shapes(cfg):
 
 def count_params(cfg):
     """The parameter count from the architecture's formula (tests check it against param_shapes)."""
-    V, d, d_h, r = cfg.vocab_size, cfg.d_model, cfg.d_h, cfg.mlp_ratio
-    kv_frac = cfg.kv_heads / cfg.n_head
+    V, d, d_h = cfg.vocab_size, cfg.d_model, cfg.d_h
 
-    def block(w):  # two norms, q and o, k and v (grouped), fc and proj
-        return 2 * w + 2 * w * w + 2 * w * w * kv_frac + 2 * r * w * w
+    def block(w, H, H_kv, m):  # two norms, q and o, k and v (grouped), fc and proj
+        return 2 * w + 2 * w * w + 2 * w * w * H_kv / H + 2 * w * m
 
-    n = V * d + (cfg.n_prelude + cfg.n_coda) * block(d) + cfg.n_recurrent * block(d_h) + d
+    n = V * d + sum(block(*spec[1:]) for spec in layers(cfg)) + d
     for name in value_embedding_layers(cfg):
-        w = d_h if name.startswith("core") else d
-        n += V * w * kv_frac + _gate_inputs(w) * cfg.kv_heads
+        _, w, H, H_kv, _ = layer(cfg, name)
+        n += V * w * H_kv / H + _gate_inputs(w) * H_kv
     if cfg.looped:
-        n += d + d_h * d  # prelude norm, C
+        n += d * cfg.prelude_norm + d_h * d  # prelude norm, C
         n += {"diagonal": 2 * d_h + d * d_h, "linear": (d_h + d) * d_h, "add": 0}[cfg.injection]
     if not cfg.tie_embeddings:
         n += d * V
@@ -252,17 +295,21 @@ def init_params(cfg, seed=0, dtype=None, xp=None):
     d, d_h = cfg.d_model, cfg.d_h
     params = {}
     for name, shape in param_shapes(cfg).items():
-        width = d_h if name.startswith(("core.", "ve.core.")) else d
+        width = d_h if name.startswith("core.") else d
         if len(shape) == 1:
             p = np.ones(shape)
-        elif name.endswith((".attn.wo", ".mlp.proj", ".attn.ve_gate")):
-            p = np.zeros(shape)  # residual branches start as the identity; gates start at 1
-        elif name in ("wte", "lm_head") or name.startswith("ve."):
-            p = rng.standard_normal(shape) * init_std(d if name in ("wte", "lm_head") else width)
+        elif name.endswith((".attn.wo", ".mlp.proj")):
+            p = np.zeros(shape)  # residual branches start as the identity
+        elif name.endswith(".attn.ve_gate"):  # PyTorch's default for a linear layer
+            p = rng.uniform(-1, 1, shape) / math.sqrt(shape[0])
+        elif name.startswith("ve."):  # PyTorch's default for an embedding table
+            p = rng.standard_normal(shape)
+        elif name in ("wte", "lm_head"):
+            p = rng.standard_normal(shape) * init_std(d)
         elif name == "inject.B":
             p = _identity_or_orthogonal(rng, d, d_h)
-        elif name == "inject.W":  # h rows: identity; e rows: like B
-            p = np.concatenate([np.eye(d_h), _identity_or_orthogonal(rng, d, d_h)])
+        elif name == "inject.W":  # [W_h; W_e], one truncated normal (ρ(W_h) ≈ 0.64 at d = 768)
+            p = _truncated_normal(rng, shape) * init_std(d)
         elif name == "C":
             p = _scaled_orthogonal(rng, d_h, d, init_std(d))
         else:
@@ -284,9 +331,21 @@ def initial_state(cfg, shape, mode, rng=None, dtype=np.float32, xp=np, start=0):
     'seeded'     the same distribution, but position t's vector comes from a generator seeded with
                  (EVAL_STATE_SEED, t) and is shared by every row, so a position's state depends on
                  nothing else (a decoder that runs one position at a time gets the same states);
-    'zero'       zeros."""
+    'zero'       zeros;
+    'normal'     standard normal; 'embed': normal with std 1/√d; 'unit': a standard normal
+                 draw standardised per position (mean 0, unbiased std 1), as the official code's
+                 state_init options of these names."""
     if mode == "zero":
         return xp.zeros(shape, dtype=dtype)
+    if mode in ("normal", "embed", "unit"):
+        if rng is None:
+            raise ValueError("a random initial state needs an rng")
+        z = rng.standard_normal(shape)
+        if mode == "embed":
+            z = z / math.sqrt(cfg.d_model)
+        elif mode == "unit":
+            z = (z - z.mean(axis=-1, keepdims=True)) / (z.std(axis=-1, ddof=1, keepdims=True) + 1e-8)
+        return xp.asarray(z, dtype=dtype)
     if mode == "seeded":
         T, d_h = shape[-2], shape[-1]
         rows = [_truncated_normal(np.random.default_rng((EVAL_STATE_SEED, t)), (d_h,))
@@ -368,11 +427,12 @@ def with_fused_qkv(p, cfg):
     xp = array_module(p["wte"])
     return {**p, **{f"{name}.attn.wqkv": xp.concatenate(
         [p[f"{name}.attn.wq"], p[f"{name}.attn.wk"], p[f"{name}.attn.wv"]], axis=1)
-        for name, _ in layers(cfg)}}
+        for name, *_ in layers(cfg)}}
 
 
-def attention_forward(p, name, x, rope, cfg, ops, ve=None, kv=None):
-    """One self-attention layer on x (N, T, w), H query and H_kv key/value heads of size hs:
+def attention_forward(p, name, x, rope, heads, ops, ve=None, kv=None):
+    """One self-attention layer on x (N, T, w), heads = (H, H_kv) query and key/value heads of
+    size hs, rope = the rotary (cos, sin) tables for hs:
 
         [q k v] = x [W_q W_k W_v]               one product (p from with_fused_qkv), heads side by side
         v ← v + 2σ(x[..., :n_g] W_g) · ve        with a value embedding: one gate per KV head
@@ -381,7 +441,7 @@ def attention_forward(p, name, x, rope, cfg, ops, ve=None, kv=None):
         y = concat_heads(Y) W_o
     """
     N, T, _ = x.shape
-    H, H_kv = cfg.n_head, cfg.kv_heads
+    H, H_kv = heads
     hs = p[f"{name}.attn.wq"].shape[1] // H
     qkv, c_qkv = ops.linear.forward(x, p[f"{name}.attn.wqkv"])
     qkv = qkv.reshape(N, T, H + 2 * H_kv, hs)
@@ -436,9 +496,12 @@ def attention_backward(dout, cache, name, grads, ops):
 
 
 def block_forward(p, name, x, rope, cfg, ops, ve=None, kv=None):
-    """One pre-norm block: x += attn(norm1 x); x += mlp(norm2 x).  x: (N, T, w)."""
+    """One pre-norm block: x += attn(norm1 x); x += mlp(norm2 x).  x: (N, T, w); rope: head size
+    -> rotary tables (`rotary_tables`)."""
+    spec = layer(cfg, name)
     a, c_n1 = ops.rmsnorm.forward(x, p[f"{name}.norm1"])
-    y, c_att = attention_forward(p, name, a, rope, cfg, ops, ve, kv)
+    y, c_att = attention_forward(p, name, a, rope[spec.head_size], (spec.heads, spec.kv_heads),
+                                 ops, ve, kv)
     x, a, c_n2 = ops.rmsnorm.add_forward(x, y, p[f"{name}.norm2"])  # x += attn(...); a = norm2(x)
     y, c_mlp = ops.mlp.forward(a, p[f"{name}.mlp.fc"], p[f"{name}.mlp.proj"])
     return x + y, BlockCache(c_n1, c_att, c_n2, c_mlp)
@@ -471,10 +534,10 @@ class KVCache:
     def __init__(self, cfg, batch, capacity, n_loops, xp=np, dtype=np.float32):
         self.length, self.capacity, self.n_loops = 0, capacity, n_loops
         self.slots = {}
-        for name, width in layers(cfg):
-            shape = (batch, cfg.kv_heads, capacity, width // cfg.n_head)
-            for step in range(n_loops) if name.startswith("core.") else (None,):
-                self.slots[name, step] = (xp.empty(shape, dtype), xp.empty(shape, dtype))
+        for spec in layers(cfg):
+            shape = (batch, spec.kv_heads, capacity, spec.head_size)
+            for step in range(n_loops) if spec.name.startswith("core.") else (None,):
+                self.slots[spec.name, step] = (xp.empty(shape, dtype), xp.empty(shape, dtype))
 
     def slot(self, name, step=None, rows=None):
         keys, values = self.slots[name, step]
@@ -547,7 +610,7 @@ def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=N
     p = with_fused_qkv(p, cfg)
     x, rope, ve, (c_wte, c_ve, c_prelude) = prelude_forward(p, cfg, ids, ops, start, kv)
     if cfg.looped:
-        e, c_pn = ops.rmsnorm.forward(x, p["prelude_norm"])
+        e, c_pn = ops.rmsnorm.forward(x, p["prelude_norm"]) if cfg.prelude_norm else (x, None)
         if h0 is None:
             h0 = initial_state(cfg, (B, T, cfg.d_h), cfg.state_init if train else cfg.eval_state,
                                rng, dtype, xp, start)
@@ -559,8 +622,8 @@ def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=N
         return output_logits(coda_forward(p, cfg, h, rope, _rows(ve, idx), ops, kv, idx)[0], cfg)
 
     n_grad = cfg.backprop_depth if train else 0
-    h, c_inject, steps, diag = loop_forward(p, cfg, kind, e, h0, depths, n_grad, rope[cfg.d_h], ve,
-                                            ops, kv, exit_rule, logits_of)
+    h, c_inject, steps, diag = loop_forward(p, cfg, kind, e, h0, depths, n_grad, rope, ve, ops, kv,
+                                            exit_rule, logits_of)
     logits, c_C, c_coda, c_fn, x = coda_forward(p, cfg, h, rope, ve, ops, kv)
     diag["rho"] = injection.spectral_radius(kind, p) if cfg.looped else 0.0
     if kv is not None:
@@ -582,11 +645,9 @@ def _rows(tables, idx):
 
 def prelude_forward(p, cfg, ids, ops, start=0, kv=None):
     """ids (B, T) at positions start.. -> wte -> prelude blocks -> x (B, T, d). Returns x, the
-    rotary tables (width -> (cos, sin)), the value embeddings (layer -> (B, T, H_kv·hs)) and the
+    rotary tables (`rotary_tables`), the value embeddings (layer -> (B, T, H_kv·hs)) and the
     caches (token embedding, value embeddings, prelude blocks)."""
-    xp, dtype, T = array_module(p["wte"]), p["wte"].dtype, ids.shape[1]
-    rope = {w: rotary.tables(T, w // cfg.n_head, cfg.rope_base, offset=start, xp=xp, dtype=dtype)
-            for w in {cfg.d_model, cfg.d_h}}
+    rope = rotary_tables(cfg, ids.shape[1], start, p["wte"])
     ve, c_ve = {}, {}
     for name in value_embedding_layers(cfg):
         ve[name], c_ve[name] = ops.embedding.forward(ids, p[f"ve.{name}"])
@@ -594,10 +655,17 @@ def prelude_forward(p, cfg, ids, ops, start=0, kv=None):
     c_prelude = []
     for i in range(cfg.n_prelude):
         name = f"prelude.{i}"
-        x, c = block_forward(p, name, x, rope[cfg.d_model], cfg, ops, ve.get(name),
-                             kv and kv.slot(name))
+        x, c = block_forward(p, name, x, rope, cfg, ops, ve.get(name), kv and kv.slot(name))
         c_prelude.append(c)
     return x, rope, ve, (c_wte, c_ve, c_prelude)
+
+
+def rotary_tables(cfg, T, start, like):
+    """head size -> (cos, sin) for positions start..start+T−1, for every head size of the model,
+    on the device and in the dtype of `like`."""
+    xp = array_module(like)
+    return {hs: rotary.tables(T, hs, cfg.rope_base, offset=start, xp=xp, dtype=like.dtype)
+            for hs in {spec.head_size for spec in layers(cfg)}}
 
 
 def coda_forward(p, cfg, h, rope, ve, ops, kv=None, idx=None):
@@ -608,8 +676,7 @@ def coda_forward(p, cfg, h, rope, ve, ops, kv=None, idx=None):
     c_coda = []
     for i in range(cfg.n_coda):
         name = f"coda.{i}"
-        x, c = block_forward(p, name, x, rope[cfg.d_model], cfg, ops, ve.get(name),
-                             kv and kv.slot(name, rows=idx))
+        x, c = block_forward(p, name, x, rope, cfg, ops, ve.get(name), kv and kv.slot(name, rows=idx))
         c_coda.append(c)
     x, c_fn = ops.rmsnorm.forward(x, p["final_norm"])
     head = p["wte"].T if cfg.tie_embeddings else p["lm_head"]  # (d, V)
@@ -621,9 +688,9 @@ def state_after(p, cfg, ids, n_steps, h0):
     for building the truncated loss in the tests."""
     p = with_fused_qkv(p, cfg)
     x, rope, ve, _ = prelude_forward(p, cfg, ids, REFERENCE)
-    e, _ = REFERENCE.rmsnorm.forward(x, p["prelude_norm"])
+    e = REFERENCE.rmsnorm.forward(x, p["prelude_norm"])[0] if cfg.prelude_norm else x
     depths = np.full(ids.shape[0], n_steps)
-    return loop_forward(p, cfg, cfg.injection, e, h0, depths, 0, rope[cfg.d_h], ve, REFERENCE)[0]
+    return loop_forward(p, cfg, cfg.injection, e, h0, depths, 0, rope, ve, REFERENCE)[0]
 
 
 def loop_forward(p, cfg, kind, e, h, depths, n_grad, rope, ve, ops, kv=None, exit_rule=None,
@@ -705,7 +772,7 @@ def backward(p, cfg, cache, dloss=1.0):
 
     de = loop_backward(p, cfg, cache, dh, grads, dve)
 
-    if cfg.looped:
+    if cache.prelude_norm is not None:
         g = ops.rmsnorm.backward(de, cache.prelude_norm)
         _acc(grads, "prelude_norm", g["weight"])
         dx = g["x"]
@@ -788,24 +855,26 @@ def flops_per_token(cfg, train=True, n_loops=None):
         train = 6·N_outside + 2·N_core·μ_rec + 4·N_core·μ_bwd  (+ attention, counted the same way)
     Attention scores and values cost 2·2·H·hs per attended position, and a causal token attends to
     (context + 1)/2 positions on average."""
-    V, d, d_h, r = cfg.vocab_size, cfg.d_model, cfg.d_h, cfg.mlp_ratio
-    kv_frac = cfg.kv_heads / cfg.n_head
+    V, d, d_h = cfg.vocab_size, cfg.d_model, cfg.d_h
 
-    def block(w):
-        return 2 * w * w + 2 * w * w * kv_frac + 2 * r * w * w
+    def block(w, H, H_kv, m):
+        return 2 * w * w + 2 * w * w * H_kv / H + 2 * w * m
 
     def attn(w):  # multiply-adds: q·k and p·v, w = H·hs each, per attended position
         return 2 * w * (cfg.context + 1) / 2
 
-    n_outside = (cfg.n_prelude + cfg.n_coda) * block(d) + V * d
-    a_outside = (cfg.n_prelude + cfg.n_coda) * attn(d)
-    n_core = cfg.n_recurrent * block(d_h)
-    a_core = cfg.n_recurrent * attn(d_h)
+    outside = [spec for spec in layers(cfg) if not spec.name.startswith("core.")]
+    core = [spec for spec in layers(cfg) if spec.name.startswith("core.")]
+    n_outside = sum(block(*spec[1:]) for spec in outside) + V * d
+    a_outside = sum(attn(spec.width) for spec in outside)
+    n_core = sum(block(*spec[1:]) for spec in core)
+    a_core = sum(attn(spec.width) for spec in core)
     for name in value_embedding_layers(cfg):  # the value-embedding gates
+        spec = layer(cfg, name)
         if name.startswith("core."):
-            n_core += _gate_inputs(d_h) * cfg.kv_heads
+            n_core += _gate_inputs(spec.width) * spec.kv_heads
         else:
-            n_outside += _gate_inputs(d) * cfg.kv_heads
+            n_outside += _gate_inputs(spec.width) * spec.kv_heads
     if cfg.looped:
         n_outside += d_h * d + (d * d_h if cfg.injection in ("diagonal", "linear") else 0)
         n_core += d_h * d_h if cfg.injection == "linear" else 0

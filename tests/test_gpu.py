@@ -180,7 +180,7 @@ def test_attention_layer_with_grouped_heads_and_value_embedding():
     """model.attention_forward and attention_backward (projections, value gate, QK-norm, the core,
     output projection) through the GPU's set and through the reference."""
     cfg = model.preset("parcae-140m", n_kv_head=2)
-    name, B, T = "core.1", 2, 512
+    name, B, T = "coda.1", 2, 512  # grouped heads: outside the loop
     assert name in model.value_embedding_layers(cfg)
     H, H_kv, hs = cfg.n_head, cfg.kv_heads, cfg.d_model // cfg.n_head
     shapes = {k: s for k, s in model.param_shapes(cfg).items() if k.startswith(f"{name}.attn.")}
@@ -193,7 +193,7 @@ def test_attention_layer_with_grouped_heads_and_value_embedding():
     fused = {**p, f"{name}.attn.wqkv": cp.concatenate([p[f"{name}.attn.{w}"] for w in ("wq", "wk", "wv")],
                                                       axis=1)}  # as model.with_fused_qkv lays them out
     for ops in (fast_ops(), REFERENCE):
-        y, cache = model.attention_forward(fused, name, x, rope, cfg, ops, ve=ve)
+        y, cache = model.attention_forward(fused, name, x, rope, (H, H_kv), ops, ve=ve)
         grads = {k: cp.zeros_like(a) for k, a in p.items()}
         dx, dve = model.attention_backward(dout, cache, name, grads, ops)
         results.append({"y": y, "dx": dx, "dve": dve, **grads})

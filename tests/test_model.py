@@ -87,6 +87,17 @@ def test_untied_head_and_softcap_gradients():
     assert max(errors.values()) < GRAD_TOL, errors
 
 
+def test_official_shapes_gradients():
+    """The recurrent block with its own heads (ungrouped, while the prelude and coda group theirs)
+    and its own MLP width, and no norm between the prelude and the loop."""
+    cfg = tiny_cfg(d_model=8, n_kv_head=1, d_state=12, n_recurrent_head=3, d_mlp=10,
+                   d_mlp_recurrent=20, prelude_norm=False, value_embeddings=True, n_recurrent=2)
+    assert M.layer(cfg, "core.1")[1:] == (12, 3, 3, 20) and M.layer(cfg, "coda.0")[1:] == (8, 2, 1, 10)
+    errors, _ = model_grad_errors(cfg, T=3, n_samples=24)
+    assert "prelude_norm" not in errors and errors.keys() == M.param_shapes(cfg).keys()
+    assert max(errors.values()) < GRAD_TOL, errors
+
+
 def test_full_backprop_when_k_equals_T():
     """With k = T nothing is truncated: the gradient equals finite differences of the plain loss."""
     cfg = tiny_cfg(backprop_depth=4, value_embeddings=True)
@@ -209,8 +220,13 @@ def test_init_matches_the_shapes_and_the_scheme(kind):
         np.testing.assert_allclose(injection.diagonal_decay(p["inject.A_log"],
                                                             p["inject.dt_bias"])[0], math.sqrt(0.2))
         np.testing.assert_allclose(p["inject.B"], np.eye(32), atol=1e-12)
-    if kind == "linear":
-        np.testing.assert_allclose(p["inject.W"][:32], np.eye(32))
+    if kind == "linear":  # the official scheme: one truncated normal (±3σ) for [W_h; W_e]
+        W = p["inject.W"]
+        assert abs(W.std() - std) < 0.05 * std and np.abs(W).max() <= 3 * std
+    # value-embedding tables N(0, 1) and their gates uniform in ±1/√fan_in, as PyTorch's defaults
+    ve, gate = p["ve.coda.0"], p["coda.0.attn.ve_gate"]
+    assert abs(ve.std() - 1) < 0.05 and abs(ve.mean()) < 0.05
+    assert 0.5 / math.sqrt(32) < np.abs(gate).max() <= 1 / math.sqrt(32)
     if kind != "none":  # C is a scaled orthogonal map
         C = p["C"]
         np.testing.assert_allclose(C.T @ C, np.eye(32) * (std**2 * 32), atol=1e-12)

@@ -113,8 +113,7 @@ def layer_forward(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gat
     """model.attention_forward with the op convention of check_op (weights as inputs)."""
     p = {"L.attn.wq": wq, "L.attn.wk": wk, "L.attn.wv": wv, "L.attn.wo": wo, "L.attn.ve_gate": w_gate}
     fused = {**p, "L.attn.wqkv": np.concatenate([wq, wk, wv], axis=1)}  # as with_fused_qkv does
-    cfg = SimpleNamespace(n_head=n_head, kv_heads=n_kv_head)
-    out, cache = model.attention_forward(fused, "L", x, (cos, sin), cfg, ops, ve)
+    out, cache = model.attention_forward(fused, "L", x, (cos, sin), (n_head, n_kv_head), ops, ve)
     return out, (cache, p, ops)
 
 

@@ -74,6 +74,16 @@ def test_gradients_match_torch_all_features():
     assert max(errors.values()) < TOL, errors
 
 
+def test_gradients_match_torch_official_shapes():
+    """What the official configs can set beyond that: the recurrent block's own head count (every
+    head with its own k and v while the prelude and coda group theirs) and MLP widths, and no
+    norm between the prelude and the loop."""
+    cfg = config(value_embeddings=True, n_kv_head=2, n_recurrent_head=8, d_mlp=100,
+                 d_mlp_recurrent=72, prelude_norm=False)
+    errors = relative_errors(cfg, depths=[2, 5, 3])
+    assert max(errors.values()) < TOL, errors
+
+
 def test_training_step_matches_torch():
     """One AdamW step of each side from the same parameters lands on the same parameters, so the
     benchmark times the same work."""

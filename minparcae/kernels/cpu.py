@@ -156,7 +156,8 @@ def _qk_norm_backward(g, y, r, cos, sin, dx):  # dx = RoPEᵀ(r (g − y · mean
                     dx[b, t, h, 2 * i + 1] = u1 * c - u0 * s
 
 
-def qk_norm_forward(x, cos, sin, eps=ops_rmsnorm.EPS):
+def qk_norm_forward(x, cos, sin, eps=None):
+    eps = ops_qk_norm.eps_for(x.dtype) if eps is None else eps
     N, T, n, hs = x.shape
     y = np.empty((N, n, T, hs), dtype=x.dtype)
     r = np.empty((N, n, T), dtype=x.dtype)

@@ -812,7 +812,8 @@ def _rmsnorm_op_backward(dout, cache, dres=None):
     return {"x": dx} if cache.weight is None else {"x": dx, "weight": dweight}
 
 
-def _qk_norm_forward(x, cos, sin, eps=ops_rmsnorm.EPS):
+def _qk_norm_forward(x, cos, sin, eps=None):
+    eps = ops_qk_norm.eps_for(x.dtype) if eps is None else eps
     rotated = rotary(x.transpose(0, 2, 1, 3), cos, sin)  # the kernel reads the strided heads
     y, cache = _rmsnorm_op_forward(rotated, None, eps)
     return y, ops_qk_norm.Cache(cache, ops_rotary.Cache(cos, sin))
