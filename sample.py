@@ -4,13 +4,18 @@
     python sample.py --ckpt runs/default --loops 1,2,4,8,16      # a sample and val loss per loop count
     python sample.py --ckpt runs/default --loops 16 --adaptive kl --epsilon 1e-3
     python sample.py --ckpt runs/default --no-cache              # the plain generator, to compare speed
+    python sample.py --ckpt parcae-140m --loops 1,2,4,8,16 --data notes.txt --prompt "The"
+                                                  # an official Parcae model folder, on your own text
 
 A looped model can run its recurrent block more or fewer times than it was trained with; the
 validation loss per loop count shows what extra test-time compute buys (and where it saturates).
 Generation is KV-cached; with --adaptive each token stops looping once its state (`state`) or its
 next-token distribution (`kl`) changes by less than --epsilon, the loop count being the maximum,
-and the line shows the mean loop count per token and, when the run's validation data is here, the
-validation loss at fixed depth (a full forward) and at adaptive depth (through the cached decoder).
+and the line shows the mean loop count per token and, when there is validation text (--data, or
+the run's own split when it is on this machine), the validation loss at fixed depth (a full
+forward) and at adaptive depth (through the cached decoder). An official model evaluates from
+minparcae's fixed initial state per position (`eval_state` "seeded"), where the official code draws
+a fresh random one on every call, so the numbers here repeat exactly.
 """
 
 import argparse
@@ -19,13 +24,14 @@ import time
 
 import numpy as np
 
-from minparcae import backend, checkpoint, cli, data, generate, kernels, model
-from minparcae.tokenizer import Tokenizer
+from minparcae import backend, checkpoint, cli, data, generate, kernels
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", default="runs/default", help="run folder or .npz checkpoint")
+    ap.add_argument("--ckpt", default="runs/default",
+                    help="run folder or .npz checkpoint, or an official Parcae model folder "
+                         "(config.json, model.pt or model.safetensors, tokenizer.json)")
     ap.add_argument("--prompt", default="def ")
     ap.add_argument("--loops", default=None, help="loop count, or a comma-separated list (default: μ_rec)")
     ap.add_argument("--tokens", type=cli.nonneg_int, default=200)
@@ -39,7 +45,12 @@ def parse_args(argv=None):
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole window per token")
     ap.add_argument("--eval-batches", type=cli.positive_int, default=8,
                     help="validation batches per loop count")
+    ap.add_argument("--data", default=None,
+                    help="text to measure the validation loss on (a file, a folder or .jsonl; "
+                         "default: the run's own validation split, when it is on this machine)")
     ap.add_argument("--device", default=None, choices=["cpu", "gpu", "auto"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="compute dtype; bfloat16 and float16 weights are widened to it exactly")
     args = ap.parse_args(argv)
     if args.loops is not None:
         try:
@@ -57,22 +68,27 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     backend.use_device(args.device)
-    saved, _, meta = checkpoint.load(args.ckpt)
-    try:
-        cfg = model.Config.from_dict(meta["config"])
-        tok = Tokenizer.from_dict(meta["tokenizer"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise checkpoint.CheckpointError(f"checkpoint {args.ckpt} holds no usable model config or "
-                                         f"tokenizer ({type(err).__name__}: {err}).") from None
-    checkpoint.check_params(saved, model.param_shapes(cfg), args.ckpt)
-    params = {k: backend.to_device(v) for k, v in saved.items()}
+    dtype = np.float64 if args.dtype == "float64" else np.float32
+    loaded = checkpoint.load_model(args.ckpt, dtype)
+    cfg, tok, meta = loaded.cfg, loaded.tokenizer, loaded.meta
+    print(f"{args.ckpt}: {loaded.description}")
+    params = {k: backend.to_device(v) for k, v in loaded.params.items()}
     ops = kernels.for_array(params["wte"])
     loops = args.loops or [cfg.mean_recurrence]
     prompt = tok.encode(args.prompt) or [tok.eot_id]
 
-    val = _validation_tokens(meta, cfg.context)
+    if args.data is not None:
+        val = data.encode_source(args.data, tok)
+        if len(val) < cfg.context + 1:  # shorter texts are evaluated in one shorter window
+            val = val if len(val) >= 2 else None
+    elif meta is not None:
+        val = _validation_tokens(meta, cfg.context)
+    else:
+        print("(pass --data to measure the validation loss on your own text: printing samples only)")
+        val = None
     if val is not None:
-        val = list(data.iter_eval_batches(val, 8, cfg.context, args.eval_batches))
+        window = min(cfg.context, len(val) - 1)
+        val = list(data.iter_eval_batches(val, 8, window, args.eval_batches))
     for n in loops:
         t0 = time.perf_counter()
         out, used = generate.generate(params, cfg, [prompt], args.tokens, n_loops=n,

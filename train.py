@@ -4,6 +4,8 @@
     python train.py --preset small-cpu --steps 3000   # bigger
     python train.py --data my_texts/ --out runs/mine  # your own text: a file, folder or .jsonl
     python train.py --out runs/mine --resume          # continue a run exactly where it stopped
+    python train.py --init-from parcae-140m --data my_texts/ --out runs/ft --lr 3e-4
+                                                      # fine-tune an official Parcae model
 
 Each step: sample a batch of windows and a loop depth per sequence, run the model forward (the
 last μ_bwd loop steps keep activations), backward by hand, clip, update. On the CPU the batch is
@@ -31,14 +33,17 @@ import threading
 import time
 import warnings
 
+from dataclasses import replace
+
 import numpy as np
 from tqdm import tqdm
 
 from minparcae import backend, checkpoint, cli, data, files, generate, kernels, model, optim, runtime
+from minparcae.tokenizer import Tokenizer
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run is stopped
 # what a step computes: fixed for the life of a run, so --resume refuses to change them
-RUN_SETTINGS = ("preset", "data", "vocab_size", "context", "batch_size", "lr", "optimizer",
+RUN_SETTINGS = ("preset", "init_from", "data", "vocab_size", "context", "batch_size", "lr", "optimizer",
                 "schedule", "warmup", "weight_decay", "clip", "injection", "mean_recurrence",
                 "backprop_depth", "dtype", "seed")
 # taken from the run too when --resume is not told otherwise, but free to change
@@ -56,6 +61,10 @@ def parse_args(argv=None):
                     "with a 'text' field (default: the Python standard library's source)")
     ap.add_argument("--out", default="runs/default", help="run folder: checkpoint and log")
     ap.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.npz")
+    ap.add_argument("--init-from", default=None,
+                    help="fine-tune a trained model: an official Parcae folder (config.json, weights, "
+                         "tokenizer.json) or a minparcae run folder; its architecture and tokenizer "
+                         "are kept, so --preset, --vocab-size and --injection do not apply")
     ap.add_argument("--steps", type=cli.positive_int, default=500)
     ap.add_argument("--batch-size", type=cli.positive_int, default=16)
     ap.add_argument("--context", type=cli.positive_int, default=None,
@@ -91,6 +100,12 @@ def parse_args(argv=None):
     given = {k for k, v in vars(ap.parse_args(argv, unset)).items() if v is not _UNSET}
     if args.data is not None:
         args.data = os.path.abspath(args.data)  # the run is tied to the corpus, not to the cwd
+    if args.init_from is not None:
+        args.init_from = os.path.abspath(args.init_from)
+        fixed = [f"--{n.replace('_', '-')}" for n in ("preset", "vocab_size", "injection") if n in given]
+        if fixed:
+            ap.error(f"{fixed[0]} cannot change a model given by --init-from: its architecture and "
+                     "tokenizer are the model's own")
     return args, given
 
 
@@ -103,6 +118,21 @@ def build_config(args, vocab_size):
     if overrides.get("injection") == "none":
         overrides.update(mean_recurrence=1, backprop_depth=1)
     return model.preset(args.preset, **overrides)
+
+
+def fine_tune_config(args, cfg):
+    """The config of a model to fine-tune: its own architecture, with the training flags that may
+    change (a shorter --context, --mean-recurrence, --backprop-depth) applied."""
+    overrides = {}
+    if args.context is not None:
+        if args.context > cfg.context:
+            raise checkpoint.CheckpointError(f"--context {args.context} is longer than the model's "
+                                             f"{cfg.context} positions.")
+        overrides["context"] = args.context
+    for flag in ("mean_recurrence", "backprop_depth"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    return replace(cfg, **overrides)
 
 
 def make_optimizer(args, params):
@@ -199,14 +229,30 @@ def train(args, given, run):
     device = backend.use_device(args.device)
     dtype = np.float64 if args.dtype == "float64" else np.float32
     base = model.PRESETS[args.preset]
-    dataset = data.prepare_data(args.data, vocab_size=args.vocab_size or base.vocab_size,
-                                cache_dir=args.cache_dir)
+    start = None
+    if args.init_from and not args.resume:
+        start = checkpoint.load_model(args.init_from, dtype)
+        print(f"--init-from {args.init_from}: {start.description}")
+    if args.init_from:  # the model's own tokenizer (on resume, as the checkpoint keeps it)
+        given_tok = start.tokenizer if start else Tokenizer.from_dict(meta["tokenizer"])
+    else:
+        given_tok = None
+    dataset = data.prepare_data(args.data, tokenizer=given_tok,
+                                vocab_size=args.vocab_size or base.vocab_size, cache_dir=args.cache_dir)
     tok = dataset.tokenizer
-    cfg = build_config(args, tok.vocab_size)
+    if start is not None:
+        cfg = fine_tune_config(args, start.cfg)
+    elif args.init_from:
+        cfg = model.Config.from_dict(meta["config"])
+    else:
+        cfg = build_config(args, tok.vocab_size)
     data.check_context(dataset, cfg.context)
     unigram = data.unigram_entropy(dataset.train, tok.vocab_size, dataset.val)
 
-    params = model.init_params(cfg, seed=args.seed, dtype=dtype)
+    if start is not None:
+        params = {k: backend.to_device(v, dtype=dtype) for k, v in start.params.items()}
+    else:
+        params = model.init_params(cfg, seed=args.seed, dtype=dtype)
     ops = kernels.for_array(params["wte"])
     opt = make_optimizer(args, params)
     rng = np.random.default_rng(args.seed)
@@ -228,7 +274,7 @@ def train(args, given, run):
 
     n_params = model.count_params(cfg)
     tokens_per_step = args.batch_size * cfg.context
-    print(f"device {device} | {args.preset}: {n_params:,} parameters, injection {cfg.injection}, "
+    print(f"device {device} | {'fine-tuned model' if args.init_from else args.preset}: {n_params:,} parameters, injection {cfg.injection}, "
           f"μ_rec {cfg.mean_recurrence}, μ_bwd {cfg.backprop_depth} | {dataset.meta['source']}: "
           f"{len(dataset.train):,} train / {len(dataset.val):,} val tokens, vocab {tok.vocab_size} | "
           f"unigram baseline {unigram:.3f}")

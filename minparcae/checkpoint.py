@@ -7,7 +7,8 @@
 The file is written to a temporary name private to the writing process, in the same folder, and
 then renamed over the old one (`files.atomic_write`), so a kill, a crash or a full disk while saving
 leaves the previous checkpoint intact and no temporary file behind. Every way saving or loading can
-fail that a user can cause ends in a `CheckpointError` with one sentence.
+fail that a user can cause ends in a `CheckpointError` with one sentence. `load_model` reads
+either a minparcae checkpoint or an official Parcae model folder, for sampling and fine-tuning.
 """
 
 import json
@@ -88,3 +89,37 @@ def check_params(params, shapes, path):
     if missing or wrong or len(params) != len(shapes):
         raise CheckpointError(f"checkpoint {path} does not match the model "
                               f"({len(missing)} parameters missing, {len(wrong)} of another shape).")
+
+
+class Model:
+    """A trained model read by `load_model`: config, parameters (host arrays), tokenizer, and the
+    minparcae checkpoint's meta (None for an official folder)."""
+
+    def __init__(self, cfg, params, tokenizer, meta=None, description=""):
+        self.cfg, self.params, self.tokenizer, self.meta = cfg, params, tokenizer, meta
+        self.description = description
+
+
+def load_model(path, dtype=np.float32):
+    """A model to sample from or to fine-tune: a minparcae run folder or .npz checkpoint, or an
+    official Parcae folder (config.json, weights and tokenizer.json; see minparcae/official.py).
+    Parameters come back as host arrays of `dtype`."""
+    from . import model, official
+    from .tokenizer import Tokenizer
+    if official.is_official(path):
+        loaded = official.load(path, dtype)
+        if loaded.tokenizer is None:
+            raise CheckpointError(f"{path} has no {official.TOKENIZER_FILE}: copy the model's "
+                                  "tokenizer.json into the folder.")
+        return Model(loaded.cfg, loaded.params, loaded.tokenizer, None,
+                     "official Parcae model, " + official.describe(loaded))
+    params, _, meta = load(path)
+    try:
+        cfg = model.Config.from_dict(meta["config"])
+        tok = Tokenizer.from_dict(meta["tokenizer"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} holds no usable model config or tokenizer "
+                              f"({type(err).__name__}: {err}).") from None
+    check_params(params, model.param_shapes(cfg), path)
+    params = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+    return Model(cfg, params, tok, meta, f"minparcae run at step {meta.get('step', '?')}")

@@ -398,3 +398,16 @@ def unigram_entropy(tokens, vocab_size, eval_tokens=None):
     eval_counts = counts if eval_tokens is None else np.bincount(np.asarray(eval_tokens),
                                                                  minlength=vocab_size)
     return float(-(eval_counts * log_p).sum() / eval_counts.sum())
+
+
+def encode_source(path, tokenizer):
+    """Every document of a text source (see `find_source`) encoded with `tokenizer`, each preceded
+    by its end-of-text id, as one array: evaluation text for a model that comes with its own
+    tokenizer (no cache, no split)."""
+    docs = read_documents(find_source(path))
+    ids = []
+    for batch in _batches_by_size(docs, 1_000_000):
+        for doc in tokenizer.encode_batch(batch):
+            ids.append(tokenizer.eot_id)
+            ids.extend(doc)
+    return np.asarray(ids, dtype=token_dtype(tokenizer.vocab_size))
