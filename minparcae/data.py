@@ -290,8 +290,9 @@ def prepare_data(source=None, tokenizer=None, vocab_size=4096, cache_dir=None,
     """Tokenise a corpus once and return it as a `Dataset` of memmapped token files.
 
     `source`: a path (see `find_source`) or None for the standard library. `tokenizer`: a
-    `Tokenizer`, a saved .json or a tiktoken name, or None to train a BPE of `vocab_size` ids on up
-    to `tokenizer_sample_bytes` of the training split. Results live in
+    `Tokenizer`, what `load_tokenizer` takes (a saved .json, a Hugging Face tokenizer.json or its
+    folder, a tiktoken name), or None to train a BPE of `vocab_size` ids on up to
+    `tokenizer_sample_bytes` of the training split. Results live in
     `cache_dir` (default: $MINPARCAE_CACHE or ~/.cache/minparcae) / <kind>-<fingerprint>/ and are
     reused whenever the fingerprint matches; the fingerprint does not cover file contents, only
     their sizes and mtimes."""

@@ -145,6 +145,17 @@ def test_save_load(tok, tmp_path):
     assert Tokenizer.from_dict(tok.to_dict()).ranks == tok.ranks
 
 
+def test_fingerprint_of_a_trained_tokenizer_is_stable(tmp_path):
+    """Checkpoints and token caches store this hash, so it must not move when `to_dict` learns new
+    layouts; and a folder holding a saved tokenizer.json loads too."""
+    tok = train_bpe("abab", 1000, special_tokens=(ENDOFTEXT, "<|pad|>"))
+    d = tok.to_dict()
+    assert d["special_tokens"] == [ENDOFTEXT, "<|pad|>"] and None not in d["tokens"]
+    assert tok.fingerprint == "bb13b3e69d2b61d6"
+    tok.save(tmp_path / "tokenizer.json")
+    assert load_tokenizer(tmp_path).fingerprint == tok.fingerprint
+
+
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "nope.json")
