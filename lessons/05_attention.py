@@ -62,6 +62,7 @@ assert np.abs(back - x).max() < 1e-15
 # For input x (B, T, d) and H heads of size hs = d/H:
 #     q = x W_q,  k = x W_k,  v = x W_v                      split into heads: (B, H, T, hs)
 #     q ← N(RoPE(q)),  k ← N(RoPE(k))                       N = RMSNorm without gain (QK-norm)
+#                                                           with ε the dtype's machine epsilon
 #     S = q kᵀ / √hs,   S_ij = −∞ for j > i                  (B, H, T, T), causal
 #     P = softmax(S) over j,   Y = P v                      (B, H, T, hs)
 #     y = concat_heads(Y) W_o                               (B, T, d)
@@ -88,8 +89,9 @@ def layer(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gate=None):
     return out, (cache, p)
 
 
-qh = rmsnorm.forward(rotary.forward(heads(x @ wq), cos, sin)[0])[0]
-kh = rmsnorm.forward(rotary.forward(heads(x @ wk), cos, sin)[0])[0]
+eps = np.finfo(np.float64).eps  # QK-norm's ε, as PyTorch's rms_norm without one (the official code)
+qh = rmsnorm.forward(rotary.forward(heads(x @ wq), cos, sin)[0], None, eps)[0]
+kh = rmsnorm.forward(rotary.forward(heads(x @ wk), cos, sin)[0], None, eps)[0]
 vh = heads(x @ wv)
 Yh, core_cache = attention.forward(qh, kh, vh, 1 / hs**0.5)
 P = core_cache.p.reshape(B, H, T, T)  # the core groups query heads under their key/value head
@@ -117,8 +119,8 @@ assert not np.allclose(y_changed[:, 3:], y_op[:, 3:])
 # softmax can collapse onto one key, where its gradient vanishes. Scale all weights by 100:
 
 big = [100 * w for w in (wq, wk)]
-qb = rmsnorm.forward(rotary.forward(heads(x @ big[0]), cos, sin)[0])[0]
-kb = rmsnorm.forward(rotary.forward(heads(x @ big[1]), cos, sin)[0])[0]
+qb = rmsnorm.forward(rotary.forward(heads(x @ big[0]), cos, sin)[0], None, eps)[0]
+kb = rmsnorm.forward(rotary.forward(heads(x @ big[1]), cos, sin)[0], None, eps)[0]
 S_normed = np.abs(qb @ kb.transpose(0, 1, 3, 2)).max() / hs**0.5
 qr = rotary.forward(heads(x @ big[0]), cos, sin)[0]
 kr = rotary.forward(heads(x @ big[1]), cos, sin)[0]

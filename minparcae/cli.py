@@ -17,8 +17,10 @@ import traceback
 from .checkpoint import CheckpointError
 from .data import DataError
 from .files import RunFolderError, describe_os_error
+from .official import OfficialError
+from .torchfile import WeightsError
 
-USER_ERRORS = (CheckpointError, DataError, RunFolderError, ValueError)
+USER_ERRORS = (CheckpointError, DataError, RunFolderError, OfficialError, WeightsError, ValueError)
 
 
 def _number(cast, test, wanted):

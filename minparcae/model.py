@@ -8,19 +8,29 @@
 Every choice, in one place:
   * blocks: pre-norm, x += attn(norm1 x); x += mlp(norm2 x); RMSNorm with a weight, eps 1e-5
   * attention: causal, rotary on adjacent pairs (base 50,000), QK-norm (weightless RMSNorm after
-    rotary), scale 1/√hs, optional grouped-query heads, no biases anywhere
-  * MLP: proj(½ relu(fc x)²), hidden width mlp_ratio × width (4)
+    rotary, eps the dtype's machine epsilon), scale 1/√hs, no biases anywhere; prelude and coda
+    may group their key/value heads (n_kv_head), the recurrent block has n_recurrent_head heads
+    (default n_head), each with its own keys and values
+  * MLP: proj(½ relu(fc x)²), hidden width d_mlp (default 4d) outside the loop, d_mlp_recurrent
+    (default 4 d_h) in the recurrent block
+  * prelude norm: the RMSNorm before the loop can be switched off (prelude_norm=False), as the
+    official code allows
   * injection (ops/injection.py): diagonal (Parcae, ρ(Ā) < 1 by construction), linear or add;
     "none" is the fixed-depth baseline: the recurrent block runs once on the prelude output, with no
     norm before it and no C after it, which is exactly a plain (n_p + n_r + n_c)-layer transformer
   * value embeddings (optional): one table per chosen layer (every other layer counting prelude,
     core and coda together, the last one included), added to v through 2σ(W_g x[..., :32]), one
     gate per KV head; the core layers' tables are added again on every loop iteration
-  * init ("scaled-zero"): matrices scaled-orthogonal with entry std √(2/(5·width)), attention and
-    MLP output projections zero, norms one; A_log = 0, dt_bias = softplus⁻¹(−ln √(1/5)) so
-    Ā starts at √(1/5) ≈ 0.447; B identity (orthogonal when not square); C scaled-orthogonal
-  * initial state: truncated normal (±3σ) with the embedding's std in training ("like-init");
-    evaluation uses `eval_state`: "seeded" (a fixed draw per position) or "zero"
+  * init ("scaled-zero", as the official code): matrices scaled-orthogonal with entry std
+    √(2/(5·width)), attention and MLP output projections zero, norms one; A_log = 0, dt_bias =
+    softplus⁻¹(−ln √(1/5)) so Ā starts at √(1/5) ≈ 0.447; B identity (orthogonal when not
+    square); C scaled-orthogonal; the linear injection's [W_h; W_e] one truncated normal with std
+    √(2/(5d)) (ρ(W_h) ≈ 0.64 at d = 768); value-embedding tables N(0, 1) and their gates uniform
+    in ±1/√32 (PyTorch's defaults, which the official code keeps)
+  * initial state: truncated normal (±3σ) with the embedding's std in training ("like-init"; the
+    official code's "normal", "embed", "unit" and "zero" too); evaluation uses `eval_state`:
+    "seeded" (a fixed draw per position, so evaluation repeats exactly; the official code draws a
+    fresh state per call), or any of the others
   * training depth ("poisson-truncated-full", per sequence): total = max(1, Poisson(μ_rec)),
     k = min(total, μ_bwd) steps with gradient (the last ones), total − k steps without.
 

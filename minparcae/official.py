@@ -344,7 +344,8 @@ def load(folder, dtype=np.float32, tokenizer=True):
         if tok.vocab_size > cfg.vocab_size:
             raise OfficialError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's "
                                 f"{cfg.vocab_size}.")
-    return Loaded(cfg, params, tok, path, dict(weights.stored_dtypes))
+    stored = {k: v for k, v in weights.stored_dtypes.items() if _strip(k) != "freqs_cis"}
+    return Loaded(cfg, params, tok, path, stored)
 
 
 def export(folder, cfg, params, tokenizer=None, dtype="float32", name="minparcae"):
@@ -382,3 +383,41 @@ def describe(loaded):
     return (f"{os.path.basename(loaded.weights_path)}: {n:,} parameters stored as "
             f"{'/'.join(stored)}, d={loaded.cfg.d_model}, {loaded.cfg.n_prelude}/"
             f"{loaded.cfg.n_recurrent}/{loaded.cfg.n_coda} blocks, μ_rec {loaded.cfg.mean_recurrence}")
+
+
+def main(argv=None):
+    """python -m minparcae.official export RUN OUT [--dtype bfloat16] | info FOLDER"""
+    import argparse
+
+    from . import checkpoint, cli
+    ap = argparse.ArgumentParser(prog="python -m minparcae.official",
+                                 description="Official Parcae model folders: describe one, or "
+                                             "export a minparcae run to the official layout.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write a minparcae run as config.json + model.safetensors "
+                                      "(+ tokenizer.json)")
+    e.add_argument("run", help="a minparcae run folder or .npz checkpoint")
+    e.add_argument("out", help="the folder to write")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    i = sub.add_parser("info", help="check an official folder and describe it")
+    i.add_argument("folder")
+    args = ap.parse_args(argv)
+
+    def run():
+        if args.command == "info":
+            loaded = load(args.folder)
+            tok = loaded.tokenizer
+            print(f"{args.folder}: {describe(loaded)}; tokenizer: "
+                  f"{'none' if tok is None else f'{tok.vocab_size} ids'}")
+            print(json.dumps(loaded.cfg.to_dict()))
+        else:
+            m = checkpoint.load_model(args.run)
+            export(args.out, m.cfg, m.params, m.tokenizer, dtype=args.dtype)
+            print(f"wrote {args.out}: config.json, model.safetensors ({args.dtype})"
+                  + (", tokenizer.json" if m.tokenizer.ranks is not None else ""))
+    cli.run(run)
+
+
+if __name__ == "__main__":
+    from minparcae.official import main as _main  # the module's own classes, not __main__'s copies
+    _main()

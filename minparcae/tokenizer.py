@@ -88,6 +88,44 @@ class Tokenizer:
         path, d = _read_tokenizer_json(path)
         return _from_hf(d, path)
 
+    def to_hf_json(self, path):
+        """Write this BPE as a Hugging Face `tokenizer.json` in the layout `from_hf_json` reads
+        (the one the official Parcae code saves), which the `tokenizers` library encodes with the
+        same ids: the vocabulary in GPT-2's byte-to-character spelling, the merges in id order,
+        the split regex, and the special tokens as added tokens."""
+        if self.ranks is None:
+            raise ValueError(f"{self.name} is a named tiktoken encoding: only a BPE with its own "
+                             "ranks can be written as tokenizer.json.")
+        chars = _byte_chars()
+
+        def spell(token):
+            return "".join(chars[b] for b in token)
+
+        merges = merges_from_ranks(self.ranks)
+        by_id = {i: t for t, i in self.ranks.items()}
+        specials = sorted(self.encoding._special_tokens.items(), key=lambda kv: kv[1])
+        d = {"version": "1.0", "truncation": None, "padding": None,
+             "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False,
+                               "rstrip": False, "normalized": False, "special": True}
+                              for t, i in specials],
+             "normalizer": None,
+             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                 {"type": "Split", "pattern": {"Regex": self.encoding._pat_str},
+                  "behavior": "Isolated", "invert": False},
+                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": False}]},
+             "post_processor": None,
+             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                         "use_regex": True},
+             "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                       "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                       "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                       "vocab": {spell(by_id[i]): i for i in sorted(by_id)},
+                       "merges": [[spell(by_id[a]), spell(by_id[b])]
+                                  for (a, b), _ in sorted(merges.items(), key=lambda kv: kv[1])]}}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(d, f, ensure_ascii=False)
+
     @property
     def name(self):
         return self.encoding.name

@@ -91,7 +91,10 @@ def test_official_only_features_map_onto_the_config():
     ({"rope_settings": {"use_rope": True, "rope_condense_ratio": 4, "rope_base": 50000}}, "rotary"),
     ({"some_new_field": 1}, "'some_new_field'"),
     ({"_class_name": "GPTConfig"}, "GPTConfig"),
-    ({"mean_backprop_depth": 3}, "value-embedding gates and tables"),  # n_layer = 2·3 has odd parity
+    # gates where layer id ≡ n_r·μ_bwd − 1 (mod 2) with coda ids after n_r·μ_rec: here prelude.0,
+    # core.0, coda.0; tables on every other of the 5 blocks from the last: prelude.0, core.0, coda.1
+    ({"n_layers_in_recurrent_block": 1, "mean_recurrence": 2, "mean_backprop_depth": 1},
+     "value-embedding gates and tables"),
     ({"n_embd": 15}, "cannot build"),
 ])
 def test_unsupported_fields_are_refused_by_name(change, words):
@@ -211,3 +214,68 @@ def test_load_model_reads_both_kinds(tmp_path):
     official.export(str(tmp_path / "off"), cfg, p)
     with pytest.raises(checkpoint.CheckpointError, match="tokenizer.json"):
         checkpoint.load_model(str(tmp_path / "off"))
+
+
+def test_tokenizer_json_written_here_encodes_like_the_tokenizers_library(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from minparcae.tokenizer import Tokenizer, train_bpe
+    text = open(model.__file__, encoding="utf-8").read()
+    tok = train_bpe(text[:30000], 400)
+    tok.to_hf_json(tmp_path / "tokenizer.json")
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    sample = text[30000:45000] + " naïve 中文 🙂\n\n\t x"
+    ids = tok.encode(sample)
+    assert hf.encode(sample, add_special_tokens=False).ids == ids
+    assert hf.decode(ids) == sample
+    back = Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
+    assert back.encode(sample) == ids and back.eot_id == tok.eot_id
+
+
+@pytest.fixture(scope="module")
+def official_folder(tmp_path_factory):
+    """An official-layout folder made here: a small model, its weights, a tokenizer.json, and a
+    text to evaluate and fine-tune on."""
+    from minparcae.tokenizer import train_bpe
+    root = tmp_path_factory.mktemp("official")
+    text = open(model.__file__, encoding="utf-8").read()
+    tok = train_bpe(text[:20000], 300)
+    cfg = official.config_from_official(small(vocab_size=tok.vocab_size, block_size=32,
+                                              padding_multiple=1))
+    official.export(str(root / "model"), cfg, random_params(cfg), tokenizer=tok)
+    (root / "text.txt").write_text(text[20000:60000])
+    return root
+
+
+def test_sample_runs_an_official_folder_on_given_text(official_folder, capsys):
+    import sample
+    sample.main(["--ckpt", str(official_folder / "model"), "--loops", "1,3", "--tokens", "6",
+                 "--data", str(official_folder / "text.txt"), "--eval-batches", "1",
+                 "--device", "cpu", "--prompt", "def "])
+    out = capsys.readouterr().out
+    assert "official Parcae model" in out
+    heads = [line for line in out.splitlines() if line.startswith("--- loops")]
+    assert [h.split(":")[0] for h in heads] == ["--- loops 1", "--- loops 3"]
+    assert all("val_loss" in h for h in heads)
+
+
+def test_train_fine_tunes_an_official_folder(official_folder, tmp_path):
+    import train
+    from runhelp import read_log
+    folder = official_folder / "model"
+    argv = ["--init-from", str(folder), "--data", str(official_folder / "text.txt"), "--out",
+            str(tmp_path / "ft"), "--cache-dir", str(tmp_path / "cache"), "--steps", "4",
+            "--batch-size", "4", "--context", "16", "--eval-every", "2", "--eval-batches", "1",
+            "--sample-tokens", "0", "--device", "cpu", "--lr", "1e-3"]
+    train.main(argv)
+    start = official.load(str(folder))
+    params, _, meta = checkpoint.load(str(tmp_path / "ft"))
+    cfg = model.Config.from_dict(meta["config"])
+    assert cfg == replace(start.cfg, context=16)
+    assert params.keys() == start.params.keys()
+    assert any(not np.array_equal(params[k], start.params[k]) for k in params)  # it trained
+    assert read_log(tmp_path / "ft")[0]["step"] == 1
+    # resume takes the model, its tokenizer and the settings from the run's own checkpoint
+    train.main(["--out", str(tmp_path / "ft"), "--resume", "--steps", "6", "--device", "cpu"])
+    assert checkpoint.load(str(tmp_path / "ft"))[2]["step"] == 6
+    with pytest.raises(SystemExit):
+        train.main(argv[:6] + ["--preset", "tiny"])  # the model's own architecture stays

@@ -178,6 +178,23 @@ def test_qk_norm(T, heads, hs):
     np.testing.assert_allclose((y * y).mean(axis=-1), 1.0, rtol=1e-4)  # unit RMS, up to eps
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_qk_norm_epsilon_is_the_machine_epsilon(dtype):
+    """As PyTorch's rms_norm without an eps (the official QK-norm): y = x / √(mean x² + ε) with ε
+    the dtype's machine epsilon. Heads of RMS 1e-2 come out at RMS √(1e-4 / (1e-4 + ε)):
+    1 − 1.1e-12 in float64, 1 − 6e-4 in float32; an ε of 1e-5 would give 0.953."""
+    eps = float(np.finfo(dtype).eps)
+    assert qk_norm.eps_for(dtype) == eps
+    cos, sin = rotary.tables(3, 8, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((2, 3, 2, 8))
+    x *= 1e-2 / np.sqrt((x * x).mean(axis=-1, keepdims=True))  # every head at RMS 1e-2
+    y, _ = qk_norm.forward(x.astype(dtype), cos.astype(dtype), sin.astype(dtype))
+    rms = np.sqrt((y.astype(np.float64) ** 2).mean(axis=-1))
+    np.testing.assert_allclose(rms, np.sqrt(1e-4 / (1e-4 + eps)), rtol=1e-12 if dtype == np.float64 else 1e-6)
+    y5, _ = qk_norm.forward(x, cos, sin, eps=1e-5)
+    np.testing.assert_allclose(np.sqrt((y5 ** 2).mean(axis=-1)), np.sqrt(1e-4 / 1.1e-4), rtol=1e-12)
+
+
 def test_attention_layer_is_causal():
     rng = np.random.default_rng(8)
     inputs, static = attention_inputs(rng, 1, 6, 8, 2, 2, 4, True)
