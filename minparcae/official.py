@@ -164,6 +164,14 @@ def config_from_official(d):
         raise OfficialError(f"config.json describes a model minparcae cannot build: {err}") from None
 
 
+def canonical(cfg):
+    """cfg with every default spelled out and the evaluation state set aside: two configs with equal
+    canonical forms build the same model."""
+    return replace(cfg, d_state=cfg.d_h, n_kv_head=cfg.kv_heads, n_recurrent_head=cfg.recurrent_heads,
+                   d_mlp=cfg.mlp_hidden, d_mlp_recurrent=cfg.mlp_hidden_recurrent, mlp_ratio=4,
+                   eval_state="seeded")
+
+
 def _round_up(n, k):
     return n if n % k == 0 else n + k - n % k
 
@@ -173,11 +181,10 @@ def config_to_official(cfg, name="minparcae"):
     problems = []
     if not cfg.looped:
         problems.append("the fixed-depth baseline (injection 'none') is the official GPT model")
-    if not cfg.value_embeddings:
-        problems.append("official Parcae models always have value embeddings")
     if cfg.logit_scale != 1.0:
         problems.append("a logit scale other than 1 needs another init strategy")
-    core_ve = [n for n in model.value_embedding_layers(cfg) if n.startswith("core.")]
+    with_ve = replace(cfg, value_embeddings=True)  # the official model always has the tables
+    core_ve = [n for n in model.value_embedding_layers(with_ve) if n.startswith("core.")]
     if core_ve and cfg.d_h != cfg.kv_heads * (cfg.d_model // cfg.n_head):
         problems.append("the official code sizes the recurrent block's value-embedding tables like "
                         "the prelude's, so with one in the loop d_state must be n_kv_head · head size")
@@ -202,7 +209,7 @@ def config_to_official(cfg, name="minparcae"):
         "recurrent_num_attention_heads": cfg.n_recurrent_head, "prelude_norm": cfg.prelude_norm,
         "mean_recurrence": cfg.mean_recurrence, "mean_backprop_depth": cfg.backprop_depth,
         "tie_embeddings": cfg.tie_embeddings, **_FIXED}
-    if config_from_official(d) != replace(cfg, eval_state="seeded"):
+    if canonical(config_from_official(d)) != canonical(replace(with_ve, state_init=d["state_init"])):
         raise OfficialError("cannot export to the official layout: this config does not survive "
                             "the round trip (its value-embedding layers differ from the official "
                             "rule for these layer counts).")
@@ -283,8 +290,14 @@ def params_from_official(state, cfg, dtype=np.float32):
 
 
 def params_to_official(params, cfg):
-    """The official state dict (host arrays, official names and layout) of minparcae's params."""
+    """The official state dict (host arrays, official names and layout) of minparcae's params.
+    The official model always has value embeddings; a model without them is written with zero
+    tables and zero gate weights, which add exactly nothing (v + 2σ(0)·0 = v)."""
     from .backend import to_host
+    if not cfg.value_embeddings:
+        cfg, zeros = replace(cfg, value_embeddings=True), model.param_shapes(cfg)
+        params = {**{k: np.zeros(shape, dtype=to_host(params["wte"]).dtype)
+                     for k, shape in model.param_shapes(cfg).items() if k not in zeros}, **params}
     out = {}
     for name, (official, transposed) in official_names(cfg).items():
         a = to_host(params[name])

@@ -63,8 +63,10 @@ def test_published_configs_are_the_presets(name):
                   "tie_embeddings", "rope_base", "prelude_norm", "state_init", "logit_scale"):
         assert getattr(cfg, field) == getattr(preset, field), field
     assert model.value_embedding_layers(cfg) == model.value_embedding_layers(preset)
-    # and back: the exported config reads as the same model
+    # and back: the exported config reads as the same model, from the preset too
     assert official.config_from_official(official.config_to_official(cfg)) == cfg
+    back = official.config_from_official(official.config_to_official(preset))
+    assert official.canonical(back) == official.canonical(preset)
 
 
 def test_official_only_features_map_onto_the_config():
@@ -171,8 +173,7 @@ def test_export_round_trip(tmp_path, dtype):
 
 def test_export_refuses_what_the_official_code_cannot_express(tmp_path):
     cfg = official.config_from_official(small())
-    for change, words in [({"value_embeddings": False}, "value embeddings"),
-                          ({"injection": "none", "mean_recurrence": 1, "backprop_depth": 1}, "GPT"),
+    for change, words in [({"injection": "none", "mean_recurrence": 1, "backprop_depth": 1}, "GPT"),
                           ({"logit_scale": 0.5}, "logit scale")]:
         with pytest.raises(official.OfficialError, match=words):
             official.config_to_official(replace(cfg, **change))
@@ -279,3 +280,34 @@ def test_train_fine_tunes_an_official_folder(official_folder, tmp_path):
     assert checkpoint.load(str(tmp_path / "ft"))[2]["step"] == 6
     with pytest.raises(SystemExit):
         train.main(argv[:6] + ["--preset", "tiny"])  # the model's own architecture stays
+
+
+def test_a_model_without_value_embeddings_exports_with_zero_tables(tmp_path):
+    """The official model always has value embeddings: zero tables and gates add nothing, so the
+    exported model computes the same logits."""
+    cfg = model.Config(vocab_size=48, context=16, d_model=16, n_head=2, n_prelude=1, n_recurrent=2,
+                       n_coda=1, mean_recurrence=3, backprop_depth=2)
+    p = random_params(cfg, seed=4)
+    official.export(str(tmp_path), cfg, p)
+    loaded = official.load(str(tmp_path))
+    assert loaded.cfg.value_embeddings and not any(loaded.params[k].any() for k in loaded.params
+                                                   if k.startswith("ve.") or k.endswith("ve_gate"))
+    ids = np.random.default_rng(1).integers(0, 48, (2, 11))
+    np.testing.assert_allclose(model.forward(loaded.params, loaded.cfg, ids)[0],
+                               model.forward(p, cfg, ids)[0], rtol=0, atol=1e-6)
+
+
+def test_export_command_writes_a_folder_the_loader_reads(tmp_path, capsys):
+    from minparcae.tokenizer import train_bpe
+    cfg = official.config_from_official(small(vocab_size=300, padding_multiple=1))
+    tok = train_bpe(open(model.__file__, encoding="utf-8").read()[:20000], 300)
+    p = random_params(cfg)
+    checkpoint.save(str(tmp_path / "run" / "ckpt.npz"), p, {},
+                    {"config": cfg.to_dict(), "tokenizer": tok.to_dict(), "step": 7})
+    official.main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--dtype", "bfloat16"])
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    official.main(["info", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "stored as bfloat16" in out and "300 ids" in out
+    loaded = official.load(str(tmp_path / "out"))
+    assert loaded.tokenizer.encode("def f(x):") == tok.encode("def f(x):")
