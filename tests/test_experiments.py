@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minparcae import cli
+from minparcae import cli, model
 from minparcae.experiments import common, fixed_depth, isoflop, law, looping, stability
 
 # ----------------------------------------------------------------------------- the law fit
@@ -122,6 +122,121 @@ def test_fixed_depth_smoke_in_two_processes(corpus, tmp_path):
     flops = {r["model"]: float(r["train_tflops"]) for r in rows}
     assert flops["fixed"] < flops["parcae"]
     assert all(np.isfinite(float(r["val_loss"])) for r in rows)
+
+
+def test_fixed_depth_token_sweep_and_merge(corpus, tmp_path):
+    a, b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    pair = ("--models", "parcae,fixed", "--seeds", "0,1")
+    # 4 × 16 = 64 tokens a step: budgets of 3 and 6 steps, one written with a suffix
+    fixed_depth.main(toy_args(corpus, a, "--tokens", "192,0.384k", *pair))
+    rows = read_csv(a / "summary.csv")
+    assert [(int(r["budget"]), r["model"]) for r in rows] == [
+        (192, "parcae"), (192, "fixed"), (384, "parcae"), (384, "fixed")]
+    assert [int(r["tokens"]) for r in rows] == [192, 192, 384, 384]
+    runs = json.loads((a / "runs.json").read_text())
+    assert sorted((r["budget"], r["steps"], r["steps_done"]) for r in runs) == [(192, 3, 3)] * 4 + [(384, 6, 6)] * 4
+    for r in runs:
+        cfg = model.Config.from_dict(r["config"])
+        assert r["train_flops"] == model.flops_per_token(cfg, train=True) * r["tokens"]
+    cross = read_csv(a / "crossover.csv")
+    assert [int(r["budget"]) for r in cross] == [192, 384] and all(r["lower"][-2:] == "/2" for r in cross)
+    assert "rossover" in (a / "README.md").read_text()
+    assert (a / "sweep.png").exists() == (common.pyplot() is not None)
+
+    # a budget trained on its own joins the sweep; the report is remade from runs.json alone
+    fixed_depth.main(toy_args(corpus, b, "--tokens", "768", *pair))
+    fixed_depth.main(["--merge", f"{a},{b}", "--out", str(merged)])
+    rows = read_csv(merged / "summary.csv")
+    assert [int(r["budget"]) for r in rows] == [192, 192, 384, 384, 768, 768]
+    assert rows[:4] == read_csv(a / "summary.csv")
+    assert len(json.loads((merged / "runs.json").read_text())) == 12
+    readme = (merged / "README.md").read_text()
+    assert f"- {a}: 8 runs" in readme and f"- {b}: 4 runs" in readme and "--tokens 768" in readme
+    # Parcae costs ~1.6× the fixed model's FLOPs a token: only its largest budget has no fixed
+    # budget at or above its FLOPs
+    assert [r["note"] for r in read_csv(merged / "matched_flops.csv")] == ["", "", "outside the sweep"]
+
+    # an output written before budgets were recorded: its budget is the tokens it planned
+    old = tmp_path / "old"
+    old.mkdir()
+    legacy = json.loads((b / "runs.json").read_text())
+    for r in legacy:
+        del r["budget"], r["command"]
+    (old / "runs.json").write_text(json.dumps(legacy))
+    fixed_depth.main(["--merge", f"{a},{old}", "--out", str(tmp_path / "with_old")])
+    assert read_csv(tmp_path / "with_old" / "summary.csv") == rows
+
+    with pytest.raises(ValueError, match="is in both"):
+        fixed_depth.main(["--merge", f"{a},{a}", "--out", str(tmp_path / "twice")])
+    with pytest.raises(ValueError, match="does not exist"):
+        fixed_depth.main(["--merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m")])
+    for r in legacy:
+        r["lr"] *= 2
+    (old / "runs.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="different model settings"):
+        fixed_depth.main(["--merge", f"{a},{old}", "--out", str(tmp_path / "other")])
+    for argv in (["--merge", f"{a},{b}", "--out", str(a)], ["--merge", str(a), "--tokens", "1M"]):
+        with pytest.raises(SystemExit):
+            fixed_depth.main(argv)
+
+
+def sweep_record(name, budget, seed, val, flops_per_token):
+    return {"model": name, "budget": budget, "seed": seed, "val_loss": val, "diverged": val is None,
+            "params": 1000, "tokens": budget, "train_flops": flops_per_token * budget, "seconds": 1.0,
+            "config": {"n_prelude": 1, "n_recurrent": 2, "n_coda": 1, "mean_recurrence": 4,
+                       "injection": "diagonal" if name == "parcae" else "none"}}
+
+
+def test_fixed_depth_crossover_and_matched_flops():
+    # (parcae seed 0, seed 1, fixed seed 0, seed 1) per budget; Parcae costs 1.5× the FLOPs a token
+    losses = {1_000_000: (4.0, 4.1, 3.9, 4.0),    # Parcae higher in both seeds
+              2_000_000: (3.7, 3.9, 3.8, 3.8),    # lower in one
+              4_000_000: (3.5, 3.56, 3.6, 3.6)}   # lower in both: the crossover
+    records = [sweep_record(name, b, seed, v[2 * i + seed], cost)
+               for b, v in losses.items() for i, (name, cost) in enumerate((("parcae", 1.5), ("fixed", 1.0)))
+               for seed in (0, 1)]
+    rows, first = fixed_depth.crossover(records)
+    assert first == 4_000_000 and [r["lower"] for r in rows] == ["0/2", "1/2", "2/2"]
+    assert [r["difference"] for r in rows] == pytest.approx([0.1, 0.0, -0.07])
+    assert [r["parcae_spread"] for r in rows] == pytest.approx([0.05, 0.1, 0.03])
+    assert [r["fixed_spread"] for r in rows] == pytest.approx([0.05, 0.0, 0.0])
+    assert fixed_depth.crossover_verdict(rows, first).startswith("Crossover at 4M tokens")
+
+    matched = fixed_depth.matched_flops(records)
+    # Parcae at 1M tokens spent the fixed model's FLOPs of 1.5M tokens: between its 1M and 2M points
+    at_1M = 3.95 + (3.8 - 3.95) * np.log(1.5) / np.log(2)
+    at_2M = 3.8 + (3.6 - 3.8) * np.log(1.5) / np.log(2)
+    assert [m["fixed_tokens"] for m in matched] == [1_500_000, 3_000_000, 6_000_000]
+    assert [m["fixed"] for m in matched[:2]] == pytest.approx([at_1M, at_2M], abs=1e-12)
+    assert [m["difference"] for m in matched[:2]] == pytest.approx([4.05 - at_1M, 3.8 - at_2M], abs=1e-12)
+    assert (matched[2]["fixed"], matched[2]["difference"], matched[2]["note"]) == (None, None, "outside the sweep")
+    assert [m["note"] for m in matched[:2]] == ["", ""]
+
+    # no crossover: a diverged Parcae seed never counts as lower, even beside a loss it beats
+    records[-3].update(val_loss=None, diverged=True)  # Parcae, 4M, seed 1
+    rows, first = fixed_depth.crossover(records)
+    assert first is None and rows[-1]["lower"] == "1/2"
+    assert fixed_depth.crossover_verdict(rows, first).startswith("No crossover within the sweep (1M to 4M tokens)")
+    # one budget: nothing to interpolate between
+    only = [r for r in records if r["budget"] == 1_000_000]
+    assert fixed_depth.matched_flops(only)[0]["note"] == "outside the sweep"
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ("1.5X", "comma-separated token counts"), ("3M,", "comma-separated token counts"),
+    ("0", "at least 1 token"), ("-3M", "at least 1 token"), ("nan", "at least 1 token"),
+    ("10", "less than one step"), ("128,150", "list each budget once")])
+def test_bad_token_budgets_are_refused(corpus, tmp_path, capsys, tokens, message):
+    with pytest.raises(SystemExit):
+        fixed_depth.main(toy_args(corpus, tmp_path, f"--tokens={tokens}"))
+    assert message in capsys.readouterr().err
+
+
+def test_token_budgets_parse():
+    assert fixed_depth.parse_tokens("1.5M,3e6,4.6M,200k,9m,1G,1000") == [
+        1_500_000, 3_000_000, 4_600_000, 200_000, 9_000_000, 10**9, 1000]
+    assert [fixed_depth.tokens_label(n) for n in (1_500_000, 4_600_000, 9_000_000, 1_536_000, 384)] == [
+        "1.5M", "4.6M", "9M", "1.54M", "384"]
 
 
 def test_looping_smoke(corpus, tmp_path):

@@ -301,11 +301,11 @@ def unigram(dataset):
 
 
 def write_report(out, title, args, sections, seconds, baseline=None):
-    """Write (and print) out/README.md: the title, the command, the wall time (and the unigram
-    baseline), then each (heading, text) section."""
-    parts = [f"# {title}", "", f"    {args.command}", "",
-             f"Wall time: {seconds / 60:.1f} min, {args.jobs} job(s) at once."
-             + (f" Unigram baseline (validation): {baseline:.3f} nats." if baseline else ""), ""]
+    """Write (and print) out/README.md: the title, the command, the wall time (None: a report of
+    earlier runs, which has none) and the unigram baseline, then each (heading, text) section."""
+    facts = ([f"Wall time: {seconds / 60:.1f} min, {args.jobs} job(s) at once."] if seconds is not None
+             else []) + ([f"Unigram baseline (validation): {baseline:.3f} nats."] if baseline else [])
+    parts = [f"# {title}", "", f"    {args.command}", ""] + ([" ".join(facts), ""] if facts else [])
     for heading, text in sections:
         parts += [f"## {heading}", "", text.rstrip(), ""]
     text = "\n".join(parts)
