@@ -18,7 +18,7 @@ import zipfile
 import numpy as np
 
 from .backend import to_host
-from .files import atomic_write, describe_os_error
+from .files import describe_os_error, durable_write
 
 FORMAT = "minparcae-checkpoint-1"
 
@@ -33,16 +33,8 @@ def save(path, params, opt_state, meta):
     for k, v in opt_state.items():
         arrays[f"opt/{k}"] = to_host(v) if hasattr(v, "shape") else np.asarray(v)
     arrays["meta"] = np.frombuffer(json.dumps({"format": FORMAT, **meta}).encode(), dtype=np.uint8)
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        atomic_write(path, write)
+        durable_write(path, lambda f: np.savez(f, **arrays))
     except OSError as err:
         raise CheckpointError(describe_os_error(err, "cannot write the checkpoint", path) + "; the "
                               "previous checkpoint, if any, is untouched.") from None

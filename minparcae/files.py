@@ -69,6 +69,20 @@ def atomic_write(path, write):
     return result
 
 
+def durable_write(path, fill):
+    """Write a binary file whole or not at all and on disk before it is visible: its folder is
+    made if needed, `fill(f)` writes into the open temporary file, which is synced and renamed over
+    `path` (atomic_write)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
+
+
 class RunFolder:
     """A run folder, created if needed and locked for this process (use it as a context manager).
 

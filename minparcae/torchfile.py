@@ -2,7 +2,7 @@
 
 `load_weights(path)` reads either kind, told apart by its first bytes; `load_torch` and
 `load_safetensors` read one kind each; `save_safetensors` writes one, atomically
-(`files.atomic_write`). A load returns `Weights`: a dict of name -> NumPy array, the names as the
+(`files.durable_write`). A load returns `Weights`: a dict of name -> NumPy array, the names as the
 file has them, with the dtypes the file stored and its metadata alongside.
 
 A `torch.save` file (PyTorch 1.6 and later) is a zip archive whose entries share one folder name:
@@ -55,7 +55,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import to_host
-from .files import atomic_write, describe_os_error
+from .files import describe_os_error, durable_write
 
 
 class WeightsError(RuntimeError):
@@ -416,18 +416,14 @@ def save_safetensors(path, arrays, metadata=None, dtype=None):
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(len(text).to_bytes(8, "little") + text)
-            for name in header:
-                if name != "__metadata__":
-                    f.write(stored[name][1].reshape(-1).data)
-            f.flush()
-            os.fsync(f.fileno())
+    def fill(f):
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name in header:
+            if name != "__metadata__":
+                f.write(stored[name][1].reshape(-1).data)
 
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        atomic_write(path, write)
+        durable_write(path, fill)
     except OSError as err:
         raise WeightsError(describe_os_error(err, "cannot write the weights", path) + ".") from None
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_tokenizer import _random_unicode
 
 from minparcae import checkpoint
 from minparcae.tokenizer import EOS, Tokenizer, load_tokenizer
@@ -30,14 +31,6 @@ def _text(name):
     return (STDLIB / name).read_text(encoding="utf-8", errors="replace")
 
 
-def _random_unicode(rng, n):
-    """Random code points anywhere in Unicode except the surrogates (not encodable as UTF-8)."""
-    chars = []
-    while len(chars) < n:
-        cp = rng.randrange(0x110000) if rng.random() < 0.5 else rng.randrange(0x80)
-        if not 0xD800 <= cp <= 0xDFFF:
-            chars.append(chr(cp))
-    return "".join(chars)
 
 
 SAMPLES = [
