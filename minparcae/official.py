@@ -88,6 +88,11 @@ _MAPPED = {"block_size": None, "n_embd": None, "intermediate_size": None,
            "recurrent_num_attention_heads": None, "prelude_norm": False, "mean_recurrence": 32,
            "mean_backprop_depth": 8, "tie_embeddings": False}
 _STATE_INITS = ("like-init", "normal", "embed", "zero", "unit")
+_INTEGERS = ("block_size", "n_embd", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "vocab_size", "padding_multiple", "padded_vocab_size", "n_layers_in_recurrent_block",
+             "n_layers_in_prelude", "n_layers_in_coda", "recurrent_embedding_dimension",
+             "recurrent_intermediation_embedding_dimension", "recurrent_num_attention_heads",
+             "mean_recurrence", "mean_backprop_depth")
 
 
 def _has_value_embedding(index, n):
@@ -128,8 +133,19 @@ def config_from_official(d):
         raise OfficialError("config.json turns the rotary embedding off or condenses it "
                             f"({rope}); minparcae supports only plain rotary embeddings.")
     for key in ("block_size", "n_embd", "num_attention_heads"):
-        if not isinstance(d.get(key), int):
-            raise OfficialError(f"config.json lacks the integer field {key!r}.")
+        if key not in d:
+            raise OfficialError(f"config.json lacks the field {key!r}.")
+    for key in _INTEGERS:
+        value = g.get(key, d.get(key))
+        least = 0 if key in ("n_layers_in_prelude", "n_layers_in_coda") else 1
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < least):
+            raise OfficialError(f"config.json sets {key} = {value!r}, which is not an integer of "
+                                f"at least {least}.")
+    if g["logit_softcap"] is not None and not (isinstance(g["logit_softcap"], (int, float))
+                                               and g["logit_softcap"] > 0):
+        raise OfficialError(f"config.json sets logit_softcap = {g['logit_softcap']!r}, which is "
+                            "not a positive number.")
     d_model, heads = d["n_embd"], d["num_attention_heads"]
     kv = d.get("num_key_value_heads") or heads
     vocab = d.get("padded_vocab_size") or _round_up(d.get("vocab_size", 50254),

@@ -98,6 +98,9 @@ def test_official_only_features_map_onto_the_config():
     ({"n_layers_in_recurrent_block": 1, "mean_recurrence": 2, "mean_backprop_depth": 1},
      "value-embedding gates and tables"),
     ({"n_embd": 15}, "cannot build"),
+    ({"n_layers_in_prelude": "2"}, "not an integer of at least 0"),
+    ({"mean_recurrence": 0}, "not an integer of at least 1"),
+    ({"logit_softcap": -1.0}, "not a positive number"),
 ])
 def test_unsupported_fields_are_refused_by_name(change, words):
     with pytest.raises(official.OfficialError, match=words.replace("(", r"\(")):
