@@ -66,6 +66,8 @@ def test_resume_after_a_crash_reproduces_the_run(corpus, tmp_path, monkeypatch):
 def test_a_signal_finishes_the_step_saves_it_and_resume_continues(corpus, tmp_path, monkeypatch,
                                                                    signum):
     full, stopped = tmp_path / "full", tmp_path / "stopped"
+    # what the process had before (Python's handler, or SIG_IGN in a background job of a shell)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     final = train.main(args(corpus, full, "--steps", "14", "--optimizer", "muon"))
     signal_during(monkeypatch, train.runtime, "loss_and_grads", 7, signum)
     name = signal.Signals(signum).name
@@ -78,7 +80,7 @@ def test_a_signal_finishes_the_step_saves_it_and_resume_continues(corpus, tmp_pa
     monkeypatch.undo()
     assert train.main(args(corpus, stopped, "--steps", "14", "--resume")) == final
     assert comparable(read_log(stopped)) == comparable(read_log(full))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # given back
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
