@@ -300,3 +300,28 @@ def test_gpu_kernels_once_on_the_stand_in(launched, monkeypatch, capsys, wrong):
 
         in_module = {v.__name__ for v in vars(K).values() if isinstance(v, FakeCUDAKernel) and not v._device}
         assert launched == in_module | {"forward", "backward_dq", "backward_dkv"}  # and the flash kernels
+
+
+def test_official_folder_on_the_device(cp, tmp_path):
+    """An official-layout folder read (host arrays), moved to the device as sample.py and
+    train.py --init-from do, evaluated with the same numbers as on NumPy, and exported back from
+    the device arrays (official.export copies them to the host)."""
+    from minparcae import official
+    from minparcae.tokenizer import train_bpe
+    tok = train_bpe(open(model.__file__, encoding="utf-8").read()[:20000], 300)
+    cfg = model.Config(vocab_size=tok.vocab_size, context=16, d_model=16, n_head=2, n_prelude=1,
+                       n_recurrent=2, n_coda=1, mean_recurrence=3, backprop_depth=2,
+                       value_embeddings=True)
+    host = model.init_params(cfg, seed=2, dtype=np.float32, xp=np)
+    official.export(str(tmp_path / "m"), cfg, host, tokenizer=tok)
+    loaded = checkpoint.load_model(str(tmp_path / "m"))
+    params = {k: backend.to_device(v) for k, v in loaded.params.items()}
+    assert backend.array_module(params["wte"]) is cp
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 12))
+    x, y = ids[:, :-1], ids[:, 1:]  # on the device, as data.iter_eval_batches yields them
+    on_device = model.evaluate(params, loaded.cfg, [(backend.to_device(x), backend.to_device(y))],
+                               ops=REFERENCE)
+    assert abs(on_device - model.evaluate(loaded.params, loaded.cfg, [(x, y)])) < TOL * on_device
+    official.export(str(tmp_path / "again"), loaded.cfg, params, tokenizer=loaded.tokenizer)
+    again = official.load(str(tmp_path / "again"))
+    assert all(np.array_equal(again.params[k], loaded.params[k]) for k in loaded.params)
