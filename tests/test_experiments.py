@@ -261,6 +261,77 @@ def test_isoflop_smoke(corpus, tmp_path):
         f = [float(r["tflops"]) for r in same]
         assert abs(f[0] - f[1]) / max(f) < 0.2
         assert int(same[0]["steps"]) > int(same[1]["steps"])  # fewer loops, more tokens
+    assert "One seed: the seed noise is not measured" in (out / "README.md").read_text()
+
+
+def test_isoflop_seeds_and_merge(corpus, tmp_path):
+    small, large, merged = tmp_path / "small", tmp_path / "large", tmp_path / "merged"
+    base = ("--steps", "3", "--loops", "1,2", "--seeds", "0,1")
+    isoflop.main(toy_args(corpus, small, *base, "--budgets", "1"))
+    isoflop.main(toy_args(corpus, large, *base, "--budgets", "2"))
+    isoflop.main(["--merge", f"{small},{large}", "--out", str(merged)])
+    rows = read_csv(merged / "isoflop.csv")
+    assert [(float(r["budget"]), int(r["mu"]), int(r["seeds"])) for r in rows] == [
+        (1, 1, 2), (1, 2, 2), (2, 1, 2), (2, 2, 2)]
+    runs = json.loads((merged / "runs.json").read_text())
+    for r in rows:
+        vals = [x["val_loss"] for x in runs if (x["budget"], x["mu"]) == (float(r["budget"]), int(r["mu"]))]
+        assert float(r["val_loss"]) == pytest.approx(np.mean(vals), abs=1e-12)
+        assert float(r["val_spread"]) == pytest.approx((max(vals) - min(vals)) / 2, abs=1e-12)
+    for b in ("1.0", "2.0"):  # each seed's lowest μ_rec is counted once per budget
+        assert sum(int(r["lowest_in"].split("/")[0]) for r in rows if r["budget"] == b) == 2
+    readme = (merged / "README.md").read_text()
+    assert "Merged outputs" in readme and "--budgets 2" in readme and "Unit budget" in readme
+    # the unit of records written before unit_flops was kept comes from their FLOPs
+    old = tmp_path / "old"
+    old.mkdir()
+    legacy = json.loads((small / "runs.json").read_text())
+    for r in legacy:
+        del r["unit_flops"], r["command"]
+    (old / "runs.json").write_text(json.dumps(legacy))
+    isoflop.main(["--merge", f"{old},{large}", "--out", str(tmp_path / "with_old")])
+    assert read_csv(tmp_path / "with_old" / "isoflop.csv") == rows
+    with pytest.raises(ValueError, match="is in both"):
+        isoflop.main(["--merge", f"{small},{small}", "--out", str(tmp_path / "twice")])
+    with pytest.raises(ValueError, match="not an output of isoflop"):
+        isoflop.main(["--merge", str(_fixed_depth_output(corpus, tmp_path)), "--out", str(tmp_path / "x")])
+    for argv in (["--merge", str(small), "--out", str(small)],
+                 ["--merge", str(small), "--budgets", "4", "--out", str(tmp_path / "y")]):
+        with pytest.raises(SystemExit):
+            isoflop.main(argv)
+
+
+def _fixed_depth_output(corpus, tmp_path):
+    out = tmp_path / "fd"
+    fixed_depth.main(toy_args(corpus, out, "--steps", "2", "--seeds", "0", "--models", "fixed"))
+    return out
+
+
+def iso_rows(losses):
+    """isoflop rows from {(budget, μ_rec, seed): val loss}."""
+    return isoflop.rows_of([{"budget": b, "mu": mu, "seed": s, "val_loss": v, "diverged": v is None,
+                             "steps": 10, "tokens": 100, "train_flops": 1e12}
+                            for (b, mu, s), v in losses.items()])
+
+
+def test_isoflop_verdict_says_whether_the_seeds_resolve_the_move():
+    resolved = {(1, 1, 0): 3.0, (1, 2, 0): 3.1, (1, 1, 1): 3.02, (1, 2, 1): 3.15,
+                (3, 1, 0): 2.9, (3, 2, 0): 2.8, (3, 1, 1): 2.95, (3, 2, 1): 2.85}
+    text = isoflop.verdict(iso_rows(resolved))
+    assert "1× → 1 (2/2), 3× → 2 (2/2)" in text and "move (1 → 2) is outside the seed noise" in text
+    noisy = dict(resolved)
+    noisy[(3, 2, 1)] = 2.99  # seed 1 prefers μ_rec 1 at 3×; the mean still prefers 2
+    rows = iso_rows(noisy)
+    assert [(r["mu"], r["lowest_in"], r["best"]) for r in rows if r["budget"] == 3] == [
+        (1, "1/2", ""), (2, "1/2", "←")]
+    assert "At 3× the best μ_rec is not the lowest in every seed" in isoflop.verdict(rows)
+    still = {k: v for k, v in resolved.items() if k[0] == 1}
+    still.update({(3, 1, 0): 2.7, (3, 2, 0): 2.8, (3, 1, 1): 2.75, (3, 2, 1): 2.85})
+    assert "it does not move" in isoflop.verdict(iso_rows(still))
+    diverged = dict(resolved)
+    diverged[(3, 2, 1)] = None  # a diverged run never counts as the lowest
+    rows = iso_rows(diverged)
+    assert [r["lowest_in"] for r in rows if r["budget"] == 3] == ["1/2", "1/2"]
 
 
 def test_bad_flags_are_rejected(corpus, tmp_path):

@@ -319,6 +319,67 @@ def save_records(out, records):
         json.dump(records, f)
 
 
+def load_runs(dirs, script, ours, key_of, name_of, group_of):
+    """The records of earlier outputs of `script` (DIR/runs.json), checked to belong in one report,
+    and {DIR: its number of runs}. `ours(r)`: is r a record of this script (and fills in what older
+    records lack); `key_of(r)`: what identifies a run, none may appear twice (`name_of(key)` names
+    it); `group_of(r)`: the runs of one group must share their model settings and learning rate.
+    A ValueError says what is wrong."""
+    records, counts, seen, settings = [], {}, {}, {}
+    for d in dirs:
+        path = Path(d, "runs.json")
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist: --merge takes folders written by this script")
+        try:
+            runs = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{path} is not valid JSON: write it again with this script") from None
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and ours(r) for r in runs):
+            raise ValueError(f"{path} is not an output of {script}: merge only this script's runs")
+        counts[d] = len(runs)
+        for r in runs:
+            key = key_of(r)
+            if key in seen:
+                raise ValueError(f"{name_of(key)} is in both {seen[key]} and {d}: merge only one of them")
+            seen[key] = d
+            first, where = settings.setdefault(group_of(r), ((r["config"], r["lr"]), d))
+            if first != (r["config"], r["lr"]):
+                raise ValueError(f"the {group_of(r)} runs of {where} and {d} have different model "
+                                 "settings or learning rates: merge only outputs of the same flags")
+            records.append(r)
+    return records, counts
+
+
+def merge_args(ap, args, *training_flags):
+    """The folders of --merge, after refusing flags that only training uses and an --out that is
+    one of them (it would overwrite its runs.json)."""
+    dirs = args.merge.split(",")
+    for flag in training_flags:
+        dest = flag.lstrip("-").replace("-", "_")
+        if getattr(args, dest) != ap.get_default(dest):
+            ap.error(f"--merge reports earlier runs and trains nothing: train with {flag} on its own "
+                     "(without --merge), then merge its folder")
+    if any(Path(d).resolve() == Path(args.out).resolve() for d in dirs):
+        ap.error("--out must be a new folder, not one of --merge's (it would overwrite its runs.json)")
+    return dirs
+
+
+def merged_section(records, merged):
+    """The report section naming the merged folders and the commands that made their runs."""
+    commands = dict.fromkeys(r.get("command", "(command not recorded)") for r in records)
+    return ("Merged outputs", "\n".join(f"- {d}: {n} runs" for d, n in merged.items())
+            + "\n\nmade by\n\n" + "\n".join(f"    {c}" for c in commands))
+
+
+def spread(values):
+    """Mean and half range of the values that are not None: (None, None) without any, half range
+    None with one."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return sum(vals) / len(vals), (max(vals) - min(vals)) / 2 if len(vals) > 1 else None
+
+
 def pyplot():
     """matplotlib's pyplot (non-interactive), or None with a note when it is not installed."""
     try:

@@ -46,11 +46,9 @@ fixed_depth.png (training curves) and, with two budgets or more, sweep.png (vali
 tokens and against training FLOPs).
 """
 
-import json
 import math
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
@@ -85,12 +83,7 @@ def main(argv=None):
                     "the runs.json of these earlier outputs together, in --out")
     args = common.parse(ap, argv)
     if args.merge is not None:
-        dirs = args.merge.split(",")
-        if args.tokens is not None:
-            ap.error("--merge reports earlier runs and trains nothing: train the budget on its own "
-                     "(--tokens without --merge), then merge its folder")
-        if any(Path(d).resolve() == Path(args.out).resolve() for d in dirs):
-            ap.error("--out must be a new folder, not one of --merge's (it would overwrite its runs.json)")
+        dirs = common.merge_args(ap, args, "--tokens")
         records, counts = load_runs(dirs)
         common.save_records(args.out, records)
         report(records, args, None, merged=counts)
@@ -174,36 +167,20 @@ def tokens_label(n):
 
 
 def load_runs(dirs):
-    """The records of earlier outputs (DIR/runs.json), checked to belong in one report, and
-    {DIR: its number of runs}. Records written before --tokens existed have no budget: theirs is
-    the tokens their steps were planned for. A ValueError says what is wrong."""
-    records, counts, seen, settings = [], {}, {}, {}
-    for d in dirs:
-        path = Path(d, "runs.json")
-        if not path.is_file():
-            raise ValueError(f"{path} does not exist: --merge takes folders written by this script")
-        try:
-            runs = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise ValueError(f"{path} is not valid JSON: write it again with this script") from None
-        if not isinstance(runs, list) or not all(isinstance(r, dict) and r.get("model") in MODELS
-                                                 for r in runs):
-            raise ValueError(f"{path} is not an output of fixed_depth: merge only this script's runs")
-        counts[d] = len(runs)
-        for r in runs:
-            if "budget" not in r:
-                r["budget"] = r["tokens"] // r["steps_done"] * r["steps"]
-            key = (r["model"], r["budget"], r["seed"])
-            if key in seen:
-                raise ValueError(f"{r['model']} at {tokens_label(r['budget'])} tokens, seed "
-                                 f"{r['seed']}, is in both {seen[key]} and {d}: merge only one of them")
-            seen[key] = d
-            first, where = settings.setdefault(r["model"], ((r["config"], r["lr"]), d))
-            if first != (r["config"], r["lr"]):
-                raise ValueError(f"the {r['model']} runs of {where} and {d} have different model "
-                                 "settings or learning rates: merge only outputs of the same flags")
-            records.append(r)
-    return records, counts
+    """The records of earlier outputs (DIR/runs.json) and {DIR: its number of runs}, as
+    common.load_runs checks them. Records written before --tokens existed have no budget: theirs
+    is the tokens their steps were planned for."""
+    def ours(r):
+        if r.get("model") not in MODELS:
+            return False
+        if "budget" not in r:
+            r["budget"] = r["tokens"] // r["steps_done"] * r["steps"]
+        return True
+
+    return common.load_runs(
+        dirs, "fixed_depth", ours, key_of=lambda r: (r["model"], r["budget"], r["seed"]),
+        name_of=lambda k: f"{k[0]} at {tokens_label(k[1])} tokens, seed {k[2]},",
+        group_of=lambda r: r["model"])
 
 
 # ----------------------------------------------------------------------------- tables
@@ -216,12 +193,11 @@ def summarise(records):
         groups[(r["budget"], r["model"])].append(r)
     rows = []
     for (budget, name), runs in sorted(groups.items(), key=lambda g: (g[0][0], MODELS.index(g[0][1]))):
-        vals = [r["val_loss"] for r in runs if r["val_loss"] is not None]
+        mean, half = common.spread(r["val_loss"] for r in runs)
         rows.append({"budget": budget, "model": name, "params": runs[0]["params"],
                      "depth": _depth(runs[0]["config"]), "seeds": len(runs),
                      "diverged": sum(r["diverged"] for r in runs),
-                     "val_loss": float(np.mean(vals)) if vals else None,
-                     "val_spread": (max(vals) - min(vals)) / 2 if len(vals) > 1 else None,
+                     "val_loss": mean, "val_spread": half,
                      "tokens": max(r["tokens"] for r in runs),
                      "train_tflops": max(r["train_flops"] for r in runs) / 1e12,
                      "seconds": float(np.mean([r["seconds"] for r in runs]))})
@@ -341,9 +317,7 @@ def report(records, args, seconds, baseline=None, merged=None):
                 ("Crossover: Parcae − fixed at equal tokens", cross_text + "\n" + crossover_verdict(cross, first)),
                 ("Parcae − fixed at matched training FLOPs", matched_text + "\n" + matched_note)]
     if merged:
-        commands = dict.fromkeys(r.get("command", "(command not recorded)") for r in records)
-        sections.append(("Merged outputs", "\n".join(f"- {d}: {n} runs" for d, n in merged.items())
-                         + "\n\nmade by\n\n" + "\n".join(f"    {c}" for c in commands)))
+        sections.append(common.merged_section(records, merged))
     sections.append(("Every run", runs))
     common.write_report(out, "Parcae against fixed-depth transformers", args, sections, seconds, baseline)
     plot_curves(records, out)
