@@ -63,7 +63,7 @@ def main(argv=None):
     tokens_per_step = args.batch_size * args.context
     unit = model.flops_per_token(cfg_for(REFERENCE_MU)) * tokens_per_step * args.steps
     specs = []
-    for b in budgets:
+    for b in sorted(budgets, reverse=True):  # largest first: --jobs ends on short runs
         for mu in mus:
             cfg = cfg_for(mu)
             steps = max(1, round(b * unit / (model.flops_per_token(cfg) * tokens_per_step)))
