@@ -4,6 +4,9 @@
     python sample.py --ckpt runs/default --loops 1,2,4,8,16      # a sample and val loss per loop count
     python sample.py --ckpt runs/default --loops 16 --adaptive kl --epsilon 1e-3
     python sample.py --ckpt runs/default --no-cache              # the plain generator, to compare speed
+    python sample.py --ckpt runs/default --loops 8 --speculative 4,2 --temperature 0
+                                                  # draft 4 tokens at 2 loop steps, verify at 8
+    python sample.py --ckpt runs/default --loops 8 --kv-slots 1 --warm-start --adaptive kl
     python sample.py --ckpt parcae-140m --loops 1,2,4,8,16 --data notes.txt --prompt "The"
                                                   # an official Parcae model folder, on your own text
 
@@ -13,7 +16,12 @@ Generation is KV-cached; with --adaptive each token stops looping once its state
 next-token distribution (`kl`) changes by less than --epsilon, the loop count being the maximum,
 and the line shows the mean loop count per token and, when there is validation text (--data, or
 the run's own split when it is on this machine), the validation loss at fixed depth (a full
-forward) and at adaptive depth (through the cached decoder). An official model evaluates from
+forward) and at adaptive depth (through the cached decoder). --kv-slots keeps fewer KV slots per
+recurrent layer than loop steps, --warm-start starts each token's loop from the previous token's
+final state, --speculative γ,T_draft drafts with the loop stopped early and verifies at the full
+depth (the same greedy output; the same distribution when sampling), and --past-context chooses
+how generation continues past the context: a sliding KV cache or recomputing the window (see
+minparcae/generate.py); with validation text the line gives the loss under each option. An official model evaluates from
 minparcae's fixed initial state per position (`eval_state` "seeded"), where the official code draws
 a fresh random one on every call, so the numbers here repeat exactly.
 """
@@ -43,6 +51,14 @@ def parse_args(argv=None):
                     help="stop looping a token when its state or its prediction stops changing")
     ap.add_argument("--epsilon", type=cli.nonneg_float, default=1e-3, help="threshold of --adaptive")
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole window per token")
+    ap.add_argument("--kv-slots", type=cli.positive_int, default=None,
+                    help="KV slots per recurrent layer (default: one per loop step); step t uses slot t mod k")
+    ap.add_argument("--warm-start", action="store_true",
+                    help="start each token's loop from the previous token's final state")
+    ap.add_argument("--speculative", default=None, metavar="GAMMA,T_DRAFT",
+                    help="draft GAMMA tokens at T_DRAFT loop steps, verify them at the full depth")
+    ap.add_argument("--past-context", default="slide", choices=["slide", "recompute"],
+                    help="past the context: slide the KV cache (default) or recompute the window")
     ap.add_argument("--eval-batches", type=cli.positive_int, default=8,
                     help="validation batches per loop count")
     ap.add_argument("--data", default=None,
@@ -60,8 +76,23 @@ def parse_args(argv=None):
                      f"{args.loops!r}")
         if min(args.loops) < 1:
             ap.error("argument --loops: every loop count must be at least 1")
-    if args.adaptive and args.no_cache:
-        ap.error("--adaptive needs the cached generator: drop --no-cache")
+    if args.no_cache and (args.adaptive or args.kv_slots or args.warm_start or args.speculative):
+        ap.error("--adaptive, --kv-slots, --warm-start and --speculative need the cached generator: "
+                 "drop --no-cache")
+    if args.speculative is not None:
+        try:
+            gamma, draft = (int(n) for n in args.speculative.split(","))
+        except ValueError:
+            ap.error(f"argument --speculative: takes GAMMA,T_DRAFT (two numbers, e.g. 4,2), not "
+                     f"{args.speculative!r}")
+        if gamma < 1 or draft < 1:
+            ap.error("argument --speculative: GAMMA and T_DRAFT must be at least 1")
+        if draft >= min(args.loops or [draft + 1]):
+            ap.error(f"argument --speculative: T_DRAFT ({draft}) must be below every loop count")
+        if args.adaptive or args.kv_slots or args.warm_start:
+            ap.error("--speculative runs at fixed depth with a KV slot per loop step: drop "
+                     "--adaptive, --kv-slots and --warm-start")
+        args.speculative = (gamma, draft)
     return args
 
 
@@ -89,27 +120,38 @@ def main(argv=None):
     if val is not None:
         window = min(cfg.context, len(val) - 1)
         val = list(data.iter_eval_batches(val, 8, window, args.eval_batches))
+    options = {"kv_slots": args.kv_slots, "warm_start": args.warm_start}
+    approximate = args.adaptive or args.kv_slots or args.warm_start
     for n in loops:
         t0 = time.perf_counter()
+        stats = {}
         out, used = generate.generate(params, cfg, [prompt], args.tokens, n_loops=n,
                                       temperature=args.temperature, top_k=args.top_k or None,
                                       top_p=args.top_p,
                                       rng=np.random.default_rng(args.seed), stop_id=tok.eot_id,
                                       cache=not args.no_cache, adaptive=args.adaptive,
                                       epsilon=args.epsilon, return_loops=True, progress=True,
-                                      ops=ops)
+                                      ops=ops, past_context=args.past_context,
+                                      speculative=args.speculative, stats=stats, **options)
         backend.synchronize()
         out, dt = out[0], time.perf_counter() - t0
         line = (f"--- loops {n}: {len(out)} tokens at {len(out) / max(dt, 1e-9):.1f} tokens/s "
                 f"({'uncached' if args.no_cache else 'cached'})")
         if args.adaptive:
             line += f", mean loops {np.mean(used[0]) if out else 0:.2f}"
+        if stats.get("drafted"):
+            line += (f", {stats['accepted']} of {stats['drafted']} drafted tokens kept "
+                     f"({stats['accepted'] / stats['drafted']:.0%})")
         if val is not None:
             fixed, _ = generate.evaluate(params, cfg, val, n, ops=ops)
             line += f", val_loss {fixed:.4f}"
-            if args.adaptive:
-                loss, mean = generate.evaluate(params, cfg, val, n, args.adaptive, args.epsilon, ops)
-                line += f" at {n} loops, {loss:.4f} at {mean:.2f} loops per token ({args.adaptive} exit)"
+            if approximate:
+                loss, mean = generate.evaluate(params, cfg, val, n, args.adaptive, args.epsilon, ops,
+                                               **options)
+                what = ", ".join(w for w, on in ((f"{args.adaptive} exit", args.adaptive),
+                                                 (f"{args.kv_slots} KV slots", args.kv_slots),
+                                                 ("warm start", args.warm_start)) if on)
+                line += f" at {n} loops, {loss:.4f} at {mean:.2f} loops per token ({what})"
         print(line)
         print(tok.decode(prompt + out))
 

@@ -536,26 +536,57 @@ def block_backward(dx, cache, name, grads, ops):
 
 class KVCache:
     """The keys and values that decoding keeps: for the positions seen so far, one slot per prelude
-    and coda layer and one per (core layer, loop step), each (B, H_kv, capacity, hs). At loop step
-    t a position holds its own h_t, so a token at step t must attend to the earlier positions' keys
-    of step t: the looped model needs a slot per step, and the cache grows with the loop count.
-    A forward given a KVCache runs positions length..length+n−1 and appends them."""
+    and coda layer and `core_slots` per core layer, each (B, H_kv, capacity, hs). A forward given a
+    KVCache runs positions length..length+n−1 and appends them.
 
-    def __init__(self, cfg, batch, capacity, n_loops, xp=np, dtype=np.float32):
-        self.length, self.capacity, self.n_loops = 0, capacity, n_loops
+    The core slots. At loop step t a position holds its own h_t, and a token at step t attends to
+    the earlier positions' keys in slot t mod core_slots. With a slot per step (core_slots ≥ the
+    loop count, the default) that is exactly step t's keys, as a full forward computes them, and
+    the cache grows with the loop count. With fewer slots, step t overwrites slot t mod k: a token
+    reads, for each earlier position, the keys of the latest step of that position that mapped to
+    the same slot (k = 1: its last step), an approximation that keeps the cache at k slots per layer
+    whatever the depth. A position that ran fewer steps than there are slots leaves the rest
+    unwritten; the decoder fills them with its last step's keys (generate.Decoder).
+
+    slide=True: past the capacity, position p overwrites index p mod capacity and a query attends
+    to the last `capacity` positions (ops/attention.py), one token at a time; `length` counts every
+    position seen, and rotary angles and seeded initial states follow the absolute positions."""
+
+    def __init__(self, cfg, batch, capacity, core_slots, xp=np, dtype=np.float32, slide=False):
+        if core_slots < 1 or capacity < 1:
+            raise ValueError("a KV cache needs at least one position and one core slot per layer.")
+        self.length, self.capacity, self.core_slots, self.slide = 0, capacity, core_slots, slide
         self.slots = {}
         for spec in layers(cfg):
             shape = (batch, spec.kv_heads, capacity, spec.head_size)
-            for step in range(n_loops) if spec.name.startswith("core.") else (None,):
+            for step in range(core_slots) if spec.name.startswith("core.") else (None,):
                 self.slots[spec.name, step] = (xp.empty(shape, dtype), xp.empty(shape, dtype))
 
     def slot(self, name, step=None, rows=None):
-        keys, values = self.slots[name, step]
+        keys, values = self.slots[name, None if step is None else step % self.core_slots]
         return attention.KVSlot(keys, values, self.length, rows)
+
+    def index(self, position):
+        """Where `position`'s keys are kept along the capacity axis."""
+        return position % self.capacity
+
+    def check(self, n):
+        """A ValueError unless n more positions fit (see slide)."""
+        end = self.length + n
+        if end > self.capacity and not self.slide:
+            raise ValueError(f"{self.length} + {n} positions exceed the KV cache's capacity "
+                             f"{self.capacity}: clear it or make a larger one.")
+        if end > self.capacity and n > 1:
+            raise ValueError(f"a sliding KV cache takes one token at a time past its capacity "
+                             f"{self.capacity} ({self.length} + {n} positions).")
 
     @property
     def nbytes(self):
         return sum(k.nbytes + v.nbytes for k, v in self.slots.values())
+
+    def bytes_per_position(self):
+        """Cache bytes one position costs: its keys and values in every slot."""
+        return self.nbytes // self.capacity
 
 
 class LoopStep(NamedTuple):
@@ -602,11 +633,13 @@ def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=N
     dtype = p["wte"].dtype
     B, T = ids.shape
     start = 0 if kv is None else kv.length
-    if start + T > cfg.context:
+    if kv is not None:
+        kv.check(T)
+        if kv.slide and kv.capacity > cfg.context:
+            raise ValueError(f"a sliding KV cache of {kv.capacity} positions would show the model "
+                             f"more than its context {cfg.context}.")
+    if start + T > cfg.context and not (kv is not None and kv.slide):
         raise ValueError(f"positions up to {start + T} exceed the model's context {cfg.context}.")
-    if kv is not None and start + T > kv.capacity:
-        raise ValueError(f"{start} + {T} positions exceed the KV cache's capacity {kv.capacity}: "
-                         "clear it or make a larger one.")
     if depths is None:
         depths = np.full(B, n_loops or cfg.mean_recurrence)
     depths = np.asarray(to_host(depths), dtype=np.int64)
@@ -614,8 +647,6 @@ def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=N
         raise ValueError("depths must hold one loop count of at least 1 per sequence.")
     if not cfg.looped:
         depths = np.ones(B, dtype=np.int64)  # the fixed-depth baseline runs its blocks once
-    if kv is not None and depths.max() > kv.n_loops:
-        raise ValueError(f"{depths.max()} loop steps need more KV slots than the cache's {kv.n_loops}.")
 
     p = with_fused_qkv(p, cfg)
     x, rope, ve, (c_wte, c_ve, c_prelude) = prelude_forward(p, cfg, ids, ops, start, kv)
@@ -636,6 +667,8 @@ def forward(p, cfg, ids, targets=None, n_loops=None, depths=None, h0=None, rng=N
                                             exit_rule, logits_of)
     logits, c_C, c_coda, c_fn, x = coda_forward(p, cfg, h, rope, ve, ops, kv)
     diag["rho"] = injection.spectral_radius(kind, p) if cfg.looped else 0.0
+    if kv is not None:  # decoding: each position's final loop state (B, T, d_h), for a warm start
+        diag["state"] = h
     if kv is not None:
         kv.length += T
     if targets is None:

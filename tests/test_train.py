@@ -137,6 +137,32 @@ def test_sample_runs_on_a_fresh_checkpoint(corpus, tmp_path, capsys):
     assert all("val_loss" in h and "tokens/s" in h for h in heads)
 
 
+def test_sample_decoding_options(corpus, tmp_path, capsys):
+    """--speculative gives plain greedy decoding's text and says how many drafts it kept; the
+    approximate options report their own validation loss; bad combinations are usage errors."""
+    train.main(args(corpus, tmp_path, "--steps", "10"))
+    base = ["--ckpt", str(tmp_path), "--loops", "4", "--tokens", "40", "--temperature", "0",
+            "--eval-batches", "1", "--device", "cpu"]
+    texts = {}
+    for name, extra in (("plain", []), ("speculative", ["--speculative", "3,1"]),
+                        ("recompute", ["--past-context", "recompute"])):
+        capsys.readouterr()
+        sample.main(base + extra)
+        out = capsys.readouterr().out
+        texts[name] = out[out.index("--- loops"):].split("\n", 1)[1]
+        if name == "speculative":
+            assert "drafted tokens kept" in out
+    assert texts["speculative"] == texts["plain"]
+    capsys.readouterr()
+    sample.main(base + ["--kv-slots", "1", "--warm-start", "--adaptive", "kl"])
+    head = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("--- loops"))
+    assert "(kl exit, 1 KV slots, warm start)" in head and "mean loops" in head
+    for bad in (["--speculative", "3"], ["--speculative", "2,4"], ["--speculative", "2,1", "--kv-slots", "2"],
+                ["--no-cache", "--warm-start"], ["--kv-slots", "0"]):
+        with pytest.raises(SystemExit):
+            sample.main(base + bad)
+
+
 def test_sample_without_the_data_still_samples(corpus, tmp_path, capsys):
     train.main(args(corpus, tmp_path / "run", "--steps", "10"))
     moved = tmp_path / "elsewhere.npz"
@@ -149,3 +175,33 @@ def test_sample_without_the_data_still_samples(corpus, tmp_path, capsys):
     sample.main(["--ckpt", str(moved), "--tokens", "5", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "printing samples only" in out and "--- loops 4" in out
+
+
+def test_decoding_benchmark_on_a_fresh_checkpoint(corpus, tmp_path, capsys):
+    """bench/bench_decoding.py writes one row per decoder; the exact decoders' losses agree, the
+    speculative rows show the full-depth loss, and fewer KV slots cost fewer bytes."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_decoding.py"
+    spec = importlib.util.spec_from_file_location("bench_decoding", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    train.main(args(corpus, tmp_path / "run", "--steps", "10"))
+    out = tmp_path / "decoding.md"
+    bench.main(["--ckpt", str(tmp_path / "run"), "--tokens", "6", "--repeats", "1",
+                "--eval-batches", "1", "--device", "cpu", "--out", str(out)])
+    rows = {}
+    for line in out.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[0] not in ("decoder", "---"):
+            rows[cells[0]] = cells
+    T = checkpoint.load_model(tmp_path / "run").cfg.mean_recurrence
+    assert len(rows) == len(bench.rows_for(T, 1e-2)) == 12
+    loss = {k: float(v[3]) for k, v in rows.items()}
+    assert loss[f"no cache, T={T}"] == loss[f"per-step cache, T={T}"]
+    speculative = [k for k in rows if k.startswith("speculative")]
+    assert speculative and all(loss[k] == loss[f"per-step cache, T={2 * T}"] for k in speculative)
+    assert all(rows[k][5].endswith("%") for k in speculative)
+    kv = {k: int(v[4].replace(",", "")) for k, v in rows.items() if v[4] != "—"}
+    one, two, full = (kv[f"KL exit ε=0.01, ≤{2 * T}, {n}"] for n in ("1 slot", "2 slots", "per-step cache"))
+    assert one < two < full == kv[f"per-step cache, T={2 * T}"]

@@ -19,6 +19,13 @@ Decoding passes `kv`, a `KVSlot`: the keys and values of the positions already s
 batch. The forward writes the new positions' k, v into it (rows `kv.rows` of the batch, positions
 start..start+n−1) and attends over positions 0..start+n−1; a query then also sees itself. Decoding
 runs no backward.
+
+A sliding window: position p is kept at index p mod capacity, so once start + n passes the
+capacity the newest positions overwrite the oldest and a query attends to the last `capacity`
+positions (itself included), wherever they sit in the buffer. Softmax attention does not depend on
+the order of the keys, and rotary keys carry their positions in themselves, so no reordering is
+needed. One query at a time may pass the capacity (a chunk would overwrite keys its own earlier
+queries still need); model.KVCache enforces it.
 """
 
 from typing import NamedTuple
@@ -48,15 +55,17 @@ def forward(q, k, v, scale, kv=None):
     H_kv = k.shape[1]
     start = 0
     if kv is not None:
-        start = kv.start
+        start, capacity = kv.start, kv.keys.shape[2]
         rows = slice(None) if kv.rows is None else kv.rows
-        kv.keys[rows, :, start:start + n] = k
-        kv.values[rows, :, start:start + n] = v
-        k, v = kv.keys[rows, :, :start + n], kv.values[rows, :, :start + n]  # (N, H_kv, L, hs)
+        at = start % capacity if start + n > capacity else start  # sliding: n == 1
+        kv.keys[rows, :, at:at + n] = k
+        kv.values[rows, :, at:at + n] = v
+        end = min(start + n, capacity)
+        k, v = kv.keys[rows, :, :end], kv.values[rows, :, :end]  # (N, H_kv, L, hs)
     L = k.shape[2]
     qg = q.reshape(N, H_kv, H // H_kv, n, hs)  # the query heads under the key/value head they read
     s = (qg @ k[:, :, None].swapaxes(-1, -2)) * scale  # (N, H_kv, group, n, L)
-    future = xp.arange(L)[None, :] > xp.arange(start, start + n)[:, None]  # (n, L)
+    future = xp.arange(L)[None, :] > xp.arange(start, start + n)[:, None]  # (n, L); none when sliding
     s = xp.where(future, -xp.inf, s)
     s = s - s.max(axis=-1, keepdims=True)
     p = xp.exp(s)

@@ -1,0 +1,129 @@
+"""Decoding options on a trained checkpoint: speed, loop steps, quality and cache memory, one table.
+
+    python bench/bench_decoding.py --ckpt runs/small-cpu
+    python bench/bench_decoding.py --ckpt runs/small-cpu --epsilon 1e-2 --tokens 300 --out bench/decoding.md
+
+Rows (T = μ_rec unless named): no cache; the exact per-step cache at T and 2T; adaptive KL exit
+(at most 2T steps, threshold --epsilon) with the per-step cache, 2 slots and 1 slot per recurrent
+layer; warm start with and without that exit; self-speculative decoding at 2T with two draft depths
+and two γ. Columns:
+
+  tokens/s            greedy generation of --tokens tokens from --prompt, batch 1, the median of
+                      --repeats runs taken in turns
+  loop steps / token  loop steps run per generated token, draft and verify passes included
+                      (the no-cache row counts the recomputed window)
+  val loss            teacher-forced validation loss through the same decoder (--eval-batches
+                      batches of 8 windows); speculative decoding's output is, by construction and
+                      test, that of the full-depth decoder, whose loss it shows
+  KV bytes / token    cache memory one position costs (every slot of every layer, at the
+                      checkpoint's dtype)
+  kept drafts         speculative rows: the share of drafted tokens the verify pass kept
+
+The goal this table is read against: a row at least 2× faster than the per-step cache at 2T with a
+validation loss within 0.01 nats of it.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minparcae import backend, checkpoint, cli, data, generate, kernels
+
+
+def rows_for(T, epsilon):
+    """(label, generate options, evaluate options) of every row, T = μ_rec."""
+    big = 2 * T
+    rows = [(f"no cache, T={T}", dict(n_loops=T, cache=False), dict(n_loops=T)),
+            (f"per-step cache, T={T}", dict(n_loops=T), dict(n_loops=T)),
+            (f"per-step cache, T={big}", dict(n_loops=big), dict(n_loops=big))]
+    exit_ = dict(adaptive="kl", epsilon=epsilon)
+    for slots, name in ((None, "per-step cache"), (2, "2 slots"), (1, "1 slot")):
+        kw = dict(n_loops=big, kv_slots=slots, **exit_)
+        rows.append((f"KL exit ε={epsilon:g}, ≤{big}, {name}", kw, kw))
+    for exit_kw, name in (({}, ""), (exit_, f" + KL exit ε={epsilon:g}")):
+        kw = dict(n_loops=big, warm_start=True, **exit_kw)
+        rows.append((f"warm start, T={big}{name}", kw, kw))
+    for draft in sorted({max(1, T // 2), T}):
+        for gamma in (2, 4):
+            rows.append((f"speculative T={big}, draft T={draft}, γ={gamma}",
+                         dict(n_loops=big, speculative=(gamma, draft)), dict(n_loops=big)))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", default="runs/small-cpu", help="run folder, .npz or official model folder")
+    ap.add_argument("--data", default=None, help="validation text (default: the run's own split)")
+    ap.add_argument("--prompt", default="def ")
+    ap.add_argument("--tokens", type=cli.positive_int, default=200)
+    ap.add_argument("--repeats", type=cli.positive_int, default=3)
+    ap.add_argument("--epsilon", type=cli.nonneg_float, default=1e-2, help="KL exit threshold")
+    ap.add_argument("--eval-batches", type=cli.positive_int, default=4)
+    ap.add_argument("--device", default=None, choices=["cpu", "gpu", "auto"])
+    ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    args = ap.parse_args(argv)
+    backend.use_device(args.device)
+    loaded = checkpoint.load_model(args.ckpt)
+    cfg, tok = loaded.cfg, loaded.tokenizer
+    if not cfg.looped:
+        raise ValueError("decoding options need a looped model; this checkpoint is the fixed-depth baseline.")
+    params = {k: backend.to_device(v) for k, v in loaded.params.items()}
+    ops = kernels.for_array(params["wte"])
+    if args.data is not None:
+        val = data.encode_source(args.data, tok)
+    else:
+        folder = (loaded.meta or {}).get("data", {}).get("folder")
+        if not folder:
+            raise ValueError("pass --data: this checkpoint names no validation split on this machine.")
+        _, val, _ = data.open_tokens(folder)
+    if len(val) < cfg.context + 1:
+        raise ValueError(f"the validation text holds {len(val)} tokens, less than one window of {cfg.context + 1}.")
+    batches = list(data.iter_eval_batches(val, 8, cfg.context, args.eval_batches))
+    prompt = [tok.encode(args.prompt) or [tok.eot_id]]
+    T = cfg.mean_recurrence
+    rows = rows_for(T, args.epsilon)
+
+    results = {}
+    for label, gen_kw, _ in rows:  # warm-up, then timed in turns
+        generate.generate(params, cfg, prompt, 4, temperature=0, ops=ops, **gen_kw)
+    times = {label: [] for label, _, _ in rows}
+    for _ in range(args.repeats):
+        for label, gen_kw, _ in rows:
+            stats = {}
+            t0 = time.perf_counter()
+            out = generate.generate(params, cfg, prompt, args.tokens, temperature=0, ops=ops,
+                                    stats=stats, **gen_kw)[0]
+            backend.synchronize()
+            times[label].append(len(out) / (time.perf_counter() - t0))
+            results[label] = (stats, len(out))
+    lines = [(f"{args.ckpt}: {loaded.description}; {args.tokens} greedy tokens from {args.prompt!r}, "
+              f"batch 1, {backend.device()}, medians of {args.repeats}; validation: "
+              f"{len(batches)} batches of 8 × {cfg.context} tokens"), "",
+             "| decoder | tokens/s | loop steps / token | val loss | KV bytes / token | kept drafts |",
+             "|---|---|---|---|---|---|"]
+    for label, gen_kw, eval_kw in rows:
+        stats, n = results[label]
+        loss, _ = generate.evaluate(params, cfg, batches, ops=ops, **eval_kw)
+        if gen_kw.get("cache") is False:
+            kv_bytes = "—"
+        else:
+            dec = generate.Decoder(params, cfg, 1, gen_kw["n_loops"], capacity=cfg.context,
+                                   kv_slots=gen_kw.get("kv_slots"))
+            kv_bytes = f"{dec.kv.bytes_per_position():,}"
+        kept = (f"{stats['accepted'] / stats['drafted']:.0%}" if stats.get("drafted") else "")
+        lines.append(f"| {label} | {statistics.median(times[label]):.1f} | "
+                     f"{stats['position_steps'] / max(n, 1):.2f} | {loss:.4f} | {kv_bytes} | {kept} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    cli.run(main)
