@@ -26,6 +26,7 @@ and meta.json last; a cache folder whose files do not match its meta.json (a dis
 a file deleted by hand) is rebuilt, not trusted.
 """
 
+import codecs
 import errno
 import hashlib
 import json
@@ -34,6 +35,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -46,7 +48,8 @@ CACHE_ENV = "MINPARCAE_CACHE"
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 VAL_FRACTION = 0.02
 TOKENIZER_SAMPLE_BYTES = 5_000_000
-_CACHE_VERSION = 1  # bump when the layout of the token files changes, so old caches are not reused
+_CACHE_VERSION = 2  # bump when what the token files hold changes, so old caches are not reused
+# 2: a lone file is cut, and sampled for the tokenizer, by bytes and in pieces (streamed)
 
 
 class DataError(ValueError):
@@ -109,15 +112,32 @@ def _read_text(path, undecodable):
     except OSError as err:
         raise DataError(describe_os_error(err, "cannot read") + ": fix it or remove it from the "
                         "data.") from None
+    return _decode(raw, path, 0, undecodable)
+
+
+def _decode(raw, path, offset, undecodable, decoder=None, final=True):
+    """raw bytes (found at `offset` in `path`) as text, refusing a NUL byte and counting
+    replacements into `undecodable`; `decoder`: an incremental UTF-8 decoder for a file read in
+    pieces."""
     nul = raw.find(b"\0")
     if nul >= 0:
-        raise DataError(f"{path} is not text (a NUL byte at offset {nul}): pass UTF-8 text files "
-                        "(a UTF-16 file must be converted to UTF-8 first).")
-    text = raw.decode("utf-8", errors="replace")
-    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
-    if replaced:
-        undecodable[path] = replaced
+        raise DataError(f"{path} is not text (a NUL byte at offset {offset + nul}): pass UTF-8 text "
+                        "files (a UTF-16 file must be converted to UTF-8 first).")
+    text = decoder.decode(raw, final) if decoder else raw.decode("utf-8", errors="replace")
+    if undecodable is not None:
+        replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+        if replaced > 0:
+            undecodable[path] = undecodable.get(path, 0) + replaced
     return text
+
+
+def _open(path):
+    """A text file of the corpus opened for reading in binary; a DataError naming it if it cannot be."""
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise DataError(describe_os_error(err, "cannot read") + ": fix it or remove it from the "
+                        "data.") from None
 
 
 def _report_undecodable(undecodable):
@@ -129,69 +149,211 @@ def _report_undecodable(undecodable):
               file=sys.stderr)
 
 
-def read_documents(source):
-    """The documents of `source` as (key, text) pairs; the key decides the train/val split. Files
-    are keyed by relative path; JSONL documents by their text, so duplicates fall on one side."""
-    undecodable = {}
-    if source.kind == "jsonl":
-        docs = []
-        for n, line in enumerate(_read_text(source.root, undecodable).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{source.root} line {n} is not valid JSON ({e.msg}): write one "
-                                "JSON object per line.") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{source.root} line {n} has no \"text\" string field: give every "
-                                "line a JSON object such as {\"text\": \"...\"}.")
-            docs.append((record["text"], record["text"]))
-    elif source.kind == "file":
-        docs = [(source.root.name, _read_text(source.root, undecodable))]
-    else:
-        docs = [(p.relative_to(source.root).as_posix(), _read_text(p, undecodable))
-                for p in source.files]
-    _report_undecodable(undecodable)
-    if not any(text for _, text in docs):
-        raise DataError(f"{source.description} contains no text: point the data path at a "
-                        "non-empty corpus.")
-    return docs
-
-
 def _unit_hash(key):
     """A stable pseudo-random number in [0, 1) for `key` (unlike `hash()`, the same in every
     process)."""
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) / 16**12
 
 
-def split_documents(docs, val_fraction=VAL_FRACTION):
-    """Split (key, text) documents into (train, val) lists, keeping the input order in each.
+# ----------------------------------------------------------------------------- streamed documents
+#
+# Nothing below holds the corpus in memory. A `Plan` lists the documents without their text (for
+# a .jsonl file: each line's offset, found in one streaming pass); the split, the tokenizer's sample
+# and the token files then read the texts one document (or one ~1 MB piece of a long file) at a
+# time. Memory grows with the number of documents (24 bytes each), never with the text.
 
-    A document goes to validation when the hash of its key falls below `val_fraction`; if that
-    leaves a side empty, the document with the lowest (or highest) hash moves over. A single
-    document is cut at a line break instead, the last `val_fraction` of it becoming validation."""
-    if len(docs) == 1:
-        key, text = docs[0]
-        target = int(len(text) * (1 - val_fraction))
-        cut = text.rfind("\n", 0, target) + 1 or target
-        return [(key, text[:cut])], [(key + "#val", text[cut:])]
-    u = [_unit_hash(key) for key, _ in docs]
-    is_val = [x < val_fraction for x in u]
-    if not any(is_val):
+PIECE_BYTES = 1 << 20  # a long single document is read, and tokenised, in pieces of about this size
+
+
+class Plan(NamedTuple):
+    """The documents of a source, without their text, and the split.
+
+    u: each document's stable hash in [0, 1) (of its relative path, or of its text for .jsonl);
+    at: .jsonl only, each document's line offset in the file; size: each document's bytes;
+    is_val: which documents are validation. A source of one document is cut instead: `cut` is
+    the byte offset (or, for one .jsonl line, the character) where its validation part begins."""
+    source: Source
+    u: np.ndarray
+    at: np.ndarray
+    size: np.ndarray
+    is_val: np.ndarray
+    cut: int | None
+
+
+def _jsonl_records(path, undecodable=None):
+    """(line offset, text) of every non-blank line of a .jsonl file, read one line at a time."""
+    with _open(path) as f:
+        offset = 0
+        for n, raw in enumerate(f, start=1):
+            line, start = _decode(raw, path, offset, undecodable), offset
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n} is not valid JSON ({e.msg}): write one JSON "
+                                "object per line.") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path} line {n} has no \"text\" string field: give every line a "
+                                "JSON object such as {\"text\": \"...\"}.")
+            yield start, record["text"]
+
+
+def plan_documents(source, val_fraction=VAL_FRACTION, undecodable=None):
+    """The `Plan` of `source`: its documents in source order and their split (`split_flags`). A
+    .jsonl file is read once, line by line; files are only listed."""
+    if source.kind == "jsonl":
+        u, at, size = [], [], []
+        for offset, text in _jsonl_records(source.root, undecodable):
+            u.append(_unit_hash(text))
+            at.append(offset)
+            size.append(len(text.encode("utf-8")))
+    else:
+        u = [_unit_hash(p.relative_to(source.root).as_posix() if source.kind != "file" else p.name)
+             for p in source.files]
+        at = [0] * len(u)
+        try:
+            size = [p.stat().st_size for p in source.files]
+        except OSError as err:
+            raise DataError(describe_os_error(err, "cannot read") + ": fix it or remove it from "
+                            "the data.") from None
+    u, at, size = np.array(u, dtype=np.float64), np.array(at, dtype=np.int64), np.array(size, dtype=np.int64)
+    if not size.sum():
+        raise DataError(f"{source.description} contains no text: point the data path at a "
+                        "non-empty corpus.")
+    cut = None
+    if len(u) == 1:
+        cut = (_text_cut(_read_one(source, at, 0, None), val_fraction) if source.kind == "jsonl"
+               else _byte_cut(source.files[0], val_fraction))
+    return Plan(source, u, at, size, split_flags(u, val_fraction) if len(u) > 1 else np.zeros(1, bool), cut)
+
+
+def split_flags(u, val_fraction=VAL_FRACTION):
+    """Which documents are validation, from their hashes u: those below `val_fraction`; if that
+    leaves a side empty, the document with the lowest (or highest) hash moves over."""
+    is_val = np.asarray(u) < val_fraction
+    if not is_val.any():
         is_val[int(np.argmin(u))] = True
-    if all(is_val):
+    if is_val.all():
         is_val[int(np.argmax(u))] = False
-    return ([d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v])
+    return is_val
 
 
-def tokenizer_sample(train_docs, max_bytes=TOKENIZER_SAMPLE_BYTES):
+def _text_cut(text, val_fraction):
+    """Where a lone document held in memory is cut: a line break near (1 − val_fraction) of it."""
+    target = int(len(text) * (1 - val_fraction))
+    return text.rfind("\n", 0, target) + 1 or target
+
+
+def _byte_cut(path, val_fraction):
+    """Where a lone file is cut: after the last line break before (1 − val_fraction) of its bytes,
+    or at the character boundary there when the PIECE_BYTES before it hold no line break."""
+    with _open(path) as f:
+        target = int(os.fstat(f.fileno()).st_size * (1 - val_fraction))
+    lo = max(0, target - PIECE_BYTES)
+    with _open(path) as f:
+        f.seek(lo)
+        window = f.read(target - lo + 4)
+    nl = window.rfind(b"\n", 0, target - lo)
+    if nl >= 0:
+        return lo + nl + 1
+    cut = target - lo
+    while 0 < cut < len(window) and (window[cut] & 0xC0) == 0x80:  # inside a character
+        cut -= 1
+    return lo + cut
+
+
+def _read_one(source, at, i, undecodable):
+    """The text of document i."""
+    if source.kind != "jsonl":
+        return _read_text(source.files[i], undecodable)
+    with _open(source.root) as f:
+        f.seek(int(at[i]))
+        raw = f.readline()
+    return json.loads(_decode(raw, source.root, int(at[i]), undecodable))["text"]
+
+
+def _safe_cut(text):
+    """Where a piece of a long document may end so that tokenising the pieces apart gives the
+    tokens of the whole: after a line break whose next character is not whitespace (no
+    pre-tokenisation pattern joins across it). len(text) when there is none."""
+    i = text.rfind("\n")
+    while i >= 0:
+        if i + 1 < len(text) and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", 0, i)
+    return len(text)
+
+
+def _file_pieces(path, start, end, undecodable=None):
+    """The text of bytes start..end of a file in pieces of about PIECE_BYTES, cut by `_safe_cut`
+    (a stretch of 16 pieces without a safe cut, which real text does not have, is cut anyway)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    carry = ""
+    with _open(path) as f:
+        f.seek(start)
+        pos = start
+        while pos < end:
+            raw = f.read(min(PIECE_BYTES, end - pos))
+            if not raw:
+                break
+            text = carry + _decode(raw, path, pos, undecodable, decoder, final=pos + len(raw) >= end)
+            pos += len(raw)
+            cut = _safe_cut(text) if pos < end else len(text)
+            if cut == len(text) and pos < end and len(text) < 16 * PIECE_BYTES:
+                carry = text  # no safe place to cut yet: read on (up to 16 pieces, then cut anyway)
+                continue
+            carry = text[cut:]
+            if cut:
+                yield text[:cut]
+    if carry:
+        yield carry
+
+
+def iter_texts(plan, split=None, undecodable=None):
+    """(text, starts_document) of the documents of one split ("train", "val"; None: all) in source
+    order, one document, or one piece of a lone long document, at a time."""
+    src = plan.source
+    if plan.cut is not None:  # one document, cut in two
+        if src.kind == "jsonl":
+            text = _read_one(src, plan.at, 0, undecodable)
+            parts = {"train": text[:plan.cut], "val": text[plan.cut:], None: text}[split]
+            yield parts, True
+            return
+        size = int(plan.size[0])
+        lo, hi = {"train": (0, plan.cut), "val": (plan.cut, size), None: (0, size)}[split]
+        for i, piece in enumerate(_file_pieces(src.files[0], lo, hi, undecodable)):
+            yield piece, i == 0
+        return
+    want = None if split is None else (split == "val")
+    if src.kind == "jsonl":
+        for i, (_, text) in enumerate(_jsonl_records(src.root)):
+            if want is None or plan.is_val[i] == want:
+                yield text, True
+        return
+    for i, path in enumerate(src.files):
+        if want is None or plan.is_val[i] == want:
+            yield _read_text(path, undecodable), True
+
+
+def tokenizer_sample(plan, max_bytes=TOKENIZER_SAMPLE_BYTES):
     """Texts to train the tokenizer on: training documents in hash order (a stable shuffle, so the
-    sample spans the whole corpus rather than its alphabetical start) until `max_bytes`."""
+    sample spans the whole corpus rather than its alphabetical start) until `max_bytes`; of a lone
+    document, its first pieces until `max_bytes`."""
     sample, n = [], 0
-    for _, text in sorted(train_docs, key=lambda d: _unit_hash(d[0])):
+    if plan.cut is not None:
+        for text, _ in iter_texts(plan, "train"):
+            if n >= max_bytes:
+                break
+            sample.append(text)
+            n += len(text.encode("utf-8"))
+        return sample
+    train = np.flatnonzero(~plan.is_val)
+    for i in train[np.argsort(plan.u[train], kind="stable")]:
         if n >= max_bytes:
             break
+        text = _read_one(plan.source, plan.at, int(i), None)
         sample.append(text)
         n += len(text.encode("utf-8"))
     return sample
@@ -235,25 +397,26 @@ def _fingerprint(source, val_fraction, tokenizer_key):
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _write_tokens(tmp, docs, tokenizer, dtype, progress):
-    """Tokenise `docs` into the binary file `tmp`, each document preceded by the end-of-text id;
-    returns the number of tokens. Documents are encoded in ~1 MB batches on tiktoken's threads."""
+def _write_tokens(tmp, texts, tokenizer, dtype, progress):
+    """Tokenise (text, starts_document) pairs into the binary file `tmp`, each document preceded by
+    the end-of-text id; returns the number of tokens. Texts are encoded in ~1 MB batches on
+    tiktoken's threads and written as they come: memory holds one batch."""
     n_tokens = 0
     with open(tmp, "wb") as f:
-        for batch in _batches_by_size(docs, 1_000_000):
-            for ids in tokenizer.encode_batch(batch):
-                f.write(np.array([tokenizer.eot_id] + ids, dtype=dtype).tobytes())
-                n_tokens += len(ids) + 1
-            progress.update(sum(map(len, batch)))
+        for batch in _batches_by_size(texts, 1_000_000):
+            for (text, starts), ids in zip(batch, tokenizer.encode_batch([t for t, _ in batch])):
+                f.write(np.array([tokenizer.eot_id] * starts + ids, dtype=dtype).tobytes())
+                n_tokens += len(ids) + starts
+            progress.update(sum(len(t.encode("utf-8")) for t, _ in batch))
     return n_tokens
 
 
-def _batches_by_size(docs, max_chars):
-    """The texts of `docs` in consecutive lists of about `max_chars` characters each."""
+def _batches_by_size(texts, max_chars):
+    """(text, starts) pairs in consecutive lists of about `max_chars` characters each."""
     batch, size = [], 0
-    for _, text in docs:
-        batch.append(text)
-        size += len(text)
+    for item in texts:
+        batch.append(item)
+        size += len(item[0])
         if size >= max_chars:
             yield batch
             batch, size = [], 0
@@ -324,21 +487,24 @@ def prepare_data(source=None, tokenizer=None, vocab_size=4096, cache_dir=None,
 def _build_cache(src, folder, fingerprint, tokenizer, vocab_size, val_fraction,
                  tokenizer_sample_bytes):
     folder.mkdir(parents=True, exist_ok=True)
-    train_docs, val_docs = split_documents(read_documents(src), val_fraction)
+    undecodable = {}
+    plan = plan_documents(src, val_fraction, undecodable)
     if tokenizer is None:
-        tokenizer = train_bpe(tokenizer_sample(train_docs, tokenizer_sample_bytes), vocab_size)
+        tokenizer = train_bpe(tokenizer_sample(plan, tokenizer_sample_bytes), vocab_size)
     dtype = token_dtype(tokenizer.vocab_size)
-    total = sum(len(text) for _, text in train_docs + val_docs)
-    with tqdm(total=total, unit="char", unit_scale=True, desc="tokenising", disable=None) as bar:
-        n_train = atomic_write(folder / "train.bin",
-                               lambda tmp: _write_tokens(tmp, train_docs, tokenizer, dtype, bar))
-        n_val = atomic_write(folder / "val.bin",
-                             lambda tmp: _write_tokens(tmp, val_docs, tokenizer, dtype, bar))
+    with tqdm(total=int(plan.size.sum()), unit="B", unit_scale=True, desc="tokenising",
+              disable=None) as bar:
+        n_train = atomic_write(folder / "train.bin", lambda tmp: _write_tokens(
+            tmp, iter_texts(plan, "train", undecodable), tokenizer, dtype, bar))
+        n_val = atomic_write(folder / "val.bin", lambda tmp: _write_tokens(
+            tmp, iter_texts(plan, "val", undecodable), tokenizer, dtype, bar))
+    _report_undecodable(undecodable)
     atomic_write(folder / "tokenizer.json", tokenizer.save)
     meta = {"fingerprint": fingerprint, "source": src.description, "dtype": np.dtype(dtype).name,
             "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name,
             "tokenizer_fingerprint": tokenizer.fingerprint, "val_fraction": val_fraction,
-            "train_documents": len(train_docs), "val_documents": len(val_docs),
+            "train_documents": int((~plan.is_val).sum()), "val_documents": int(plan.is_val.sum()) or
+            int(plan.cut is not None),
             "train_tokens": n_train, "val_tokens": n_val}
     atomic_write(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     train, val, meta = open_tokens(folder)
@@ -393,22 +559,34 @@ def unigram_entropy(tokens, vocab_size, eval_tokens=None):
     """Loss in nats per token of the best predictor that ignores context: the unigram distribution
     of `tokens` with add-one (Laplace) smoothing, p(v) = (count(v) + 1) / (N + vocab_size), so an
     id never seen in training still has a finite loss; evaluated as cross-entropy on `eval_tokens`
-    (default: `tokens` themselves). A model that has learned anything beats it."""
-    counts = np.bincount(np.asarray(tokens), minlength=vocab_size)
+    (default: `tokens` themselves). A model that has learned anything beats it. Counted in chunks,
+    so a memory-mapped corpus is never copied whole."""
+    counts = token_counts(tokens, vocab_size)
     log_p = np.log(counts + 1.0) - np.log(len(tokens) + vocab_size)
-    eval_counts = counts if eval_tokens is None else np.bincount(np.asarray(eval_tokens),
-                                                                 minlength=vocab_size)
+    eval_counts = counts if eval_tokens is None else token_counts(eval_tokens, vocab_size)
     return float(-(eval_counts * log_p).sum() / eval_counts.sum())
+
+
+def token_counts(tokens, vocab_size, chunk=1 << 24):
+    """How often each id occurs in `tokens`, read `chunk` tokens at a time."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(0, len(tokens), chunk):
+        part = np.bincount(np.asarray(tokens[i:i + chunk]), minlength=vocab_size)
+        if len(part) > vocab_size:
+            raise ValueError(f"token id {len(part) - 1} is outside the vocabulary of {vocab_size}.")
+        counts += part
+    return counts
 
 
 def encode_source(path, tokenizer):
     """Every document of a text source (see `find_source`) encoded with `tokenizer`, each preceded
     by its end-of-text id, as one array: evaluation text for a model that comes with its own
     tokenizer (no cache, no split)."""
-    docs = read_documents(find_source(path))
-    ids = []
-    for batch in _batches_by_size(docs, 1_000_000):
-        for doc in tokenizer.encode_batch(batch):
-            ids.append(tokenizer.eot_id)
-            ids.extend(doc)
-    return np.asarray(ids, dtype=token_dtype(tokenizer.vocab_size))
+    undecodable = {}
+    plan = plan_documents(find_source(path), undecodable=undecodable)
+    parts = []
+    for batch in _batches_by_size(iter_texts(plan, None, undecodable), 1_000_000):
+        for (_, starts), ids in zip(batch, tokenizer.encode_batch([t for t, _ in batch])):
+            parts.append(np.array([tokenizer.eot_id] * starts + ids, dtype=token_dtype(tokenizer.vocab_size)))
+    _report_undecodable(undecodable)
+    return np.concatenate(parts)

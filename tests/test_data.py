@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from minparcae import backend
-from minparcae.data import (DataError, find_source, get_batch, iter_eval_batches, prepare_data,
-                            read_documents, split_documents, token_dtype, unigram_entropy)
+from minparcae import data
+from minparcae.data import (DataError, find_source, get_batch, iter_eval_batches, iter_texts,
+                            plan_documents, prepare_data, split_flags, token_counts, token_dtype,
+                            unigram_entropy)
 from minparcae.tokenizer import Tokenizer, train_bpe
 
 
@@ -60,25 +62,71 @@ def test_stdlib_listing_is_deterministic_and_excludes_site_packages():
 
 def test_stdlib_split_is_stable_and_disjoint():
     src = find_source()
-    docs = [(p.relative_to(src.root).as_posix(), "") for p in src.files]
-    train, val = split_documents(docs)
-    assert (train, val) == split_documents(list(docs))
-    train_keys, val_keys = {k for k, _ in train}, {k for k, _ in val}
-    assert not train_keys & val_keys and len(train_keys | val_keys) == len(docs)
-    assert 0.005 < len(val) / len(docs) < 0.05
+    plan = plan_documents(src)
+    assert np.array_equal(plan.is_val, plan_documents(src).is_val)
+    assert len(plan.is_val) == len(src.files) and plan.cut is None
+    assert 0.005 < plan.is_val.mean() < 0.05
+    keys = [p.relative_to(src.root).as_posix() for p in src.files]  # the hash is of the path
+    assert np.array_equal(plan.is_val, split_flags([data._unit_hash(k) for k in keys]))
 
 
 def test_split_keeps_both_sides_non_empty():
     for n in (2, 3, 5):
-        train, val = split_documents([(f"k{i}", "x") for i in range(n)])
-        assert train and val and len(train) + len(val) == n
+        is_val = split_flags([data._unit_hash(f"k{i}") for i in range(n)])
+        assert is_val.any() and not is_val.all()
 
 
-def test_single_document_is_cut_at_a_line_break():
-    text = "".join(f"line {i}\n" for i in range(200))
-    train, val = split_documents([("one.txt", text)], val_fraction=0.1)
-    assert train[0][1] + val[0][1] == text
-    assert train[0][1].endswith("\n") and 0 < len(val[0][1]) <= 0.1 * len(text) + 10
+def test_single_document_is_cut_at_a_line_break(tmp_path):
+    text = "".join(f"line {i} é\n" for i in range(200))
+    path = tmp_path / "one.txt"
+    path.write_text(text)
+    plan = plan_documents(find_source(path), val_fraction=0.1)
+    train = "".join(t for t, _ in iter_texts(plan, "train"))
+    val = "".join(t for t, _ in iter_texts(plan, "val"))
+    assert train + val == text and train.endswith("\n")
+    assert 0 < len(val.encode()) <= 0.1 * len(text.encode()) + 12
+    one = tmp_path / "one.jsonl"  # a lone .jsonl document is cut in its text
+    one.write_text(json.dumps({"text": text}) + "\n")
+    plan = plan_documents(find_source(one), val_fraction=0.1)
+    assert "".join(t for t, _ in iter_texts(plan, "train")) + next(iter_texts(plan, "val"))[0] == text
+
+
+def test_a_long_file_is_read_in_pieces_that_tokenise_as_the_whole(tmp_path, tok, monkeypatch):
+    """A lone file is streamed in pieces of about PIECE_BYTES, cut where no token spans the cut:
+    the pieces join to the text (multi-byte characters across piece boundaries included) and
+    their tokens are those of the whole text; the tokenizer sample stops at its byte budget."""
+    monkeypatch.setattr(data, "PIECE_BYTES", 500)
+    text = _paragraphs(3, 400).replace("\n", "\n    ", 50) + "\n\n\ndécor 🙂\n" * 30
+    path = tmp_path / "book.txt"
+    path.write_text(text)
+    plan = plan_documents(find_source(path))
+    train = list(iter_texts(plan, "train"))
+    assert len(train) > 20 and [s for _, s in train] == [True] + [False] * (len(train) - 1)
+    whole = "".join(t for t, _ in train)
+    assert whole + "".join(t for t, _ in iter_texts(plan, "val")) == text
+    assert sum((tok.encode(t) for t, _ in train), []) == tok.encode(whole)
+    ds = prepare_data(path, tokenizer=tok, cache_dir=tmp_path / "cache")
+    assert list(ds.train) == [tok.eot_id] + tok.encode(whole)
+    sample = data.tokenizer_sample(plan, max_bytes=2000)
+    sizes = [len(t.encode()) for t in sample]
+    assert sum(sizes) >= 2000 > sum(sizes[:-1]) and sample == [t for t, _ in train[:len(sample)]]
+
+
+def test_jsonl_documents_are_found_by_their_offsets(tmp_path):
+    texts = [f"doc {i} " + "é" * i for i in range(30)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    plan = plan_documents(find_source(path))
+    assert [data._read_one(plan.source, plan.at, i, None) for i in range(30)] == texts
+    assert list(plan.size) == [len(t.encode()) for t in texts]
+    assert [t for t, _ in iter_texts(plan)] == texts
+
+
+def test_token_counts_in_chunks():
+    tokens = np.random.default_rng(0).integers(0, 50, 10_001).astype(np.uint16)
+    assert np.array_equal(token_counts(tokens, 50, chunk=999), np.bincount(tokens, minlength=50))
+    with pytest.raises(ValueError, match="token id 50 is outside the vocabulary of 50"):
+        token_counts(np.array([50]), 50)
 
 
 def test_folder_source(folder, tok, tmp_path):
@@ -130,7 +178,7 @@ def test_empty_folder(tmp_path):
 def test_folder_of_empty_files(tmp_path):
     (tmp_path / "a.txt").write_text("")
     with pytest.raises(DataError, match="contains no text"):
-        read_documents(find_source(tmp_path))
+        plan_documents(find_source(tmp_path))
 
 
 def test_bad_jsonl(tmp_path):
@@ -138,10 +186,10 @@ def test_bad_jsonl(tmp_path):
     path.write_text('{"text": "fine"}\n{"body": "no text here"}\n')
     with pytest.raises(DataError, match=r'bad.jsonl line 2 has no "text" string field: give every '
                                         r'line a JSON object such as'):
-        read_documents(find_source(path))
+        plan_documents(find_source(path))
     path.write_text('{"text": "fine"}\n{"text": unquoted}\n')
     with pytest.raises(DataError, match=r"line 2 is not valid JSON .*: write one JSON object per"):
-        read_documents(find_source(path))
+        plan_documents(find_source(path))
 
 
 def test_corpus_too_small_for_a_window():

@@ -344,7 +344,16 @@ def test_unreadable_and_dangling_files_in_a_data_folder_are_named(tmp_path, monk
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
         return real(self)
 
+    def denied_open(path, *args, **kwargs):  # a lone file is streamed through open()
+        if Path(path).name == "a.txt":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return open(path, *args, **kwargs)
+
     monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(data, "open", denied_open, raising=False)
+    with pytest.raises(data.DataError, match=f"cannot read {folder / 'a.txt'}: Permission denied"):
+        data.prepare_data(folder, vocab_size=300, cache_dir=tmp_path / "cache")
+    (folder / "b.txt").write_text("more text\n" * 50)  # two documents: each file read whole
     with pytest.raises(data.DataError, match=f"cannot read {folder / 'a.txt'}: Permission denied"):
         data.prepare_data(folder, vocab_size=300, cache_dir=tmp_path / "cache")
 
