@@ -38,7 +38,8 @@ from dataclasses import replace
 import numpy as np
 from tqdm import tqdm
 
-from minparcae import backend, checkpoint, cli, data, files, generate, kernels, model, optim, runtime
+from minparcae import (backend, checkpoint, cli, data, distributed, files, generate, kernels, model,
+                       optim, runtime)
 from minparcae.tokenizer import Tokenizer
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run is stopped
@@ -182,8 +183,8 @@ class StopRequests:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.requested, self.saving, self._previous = None, False, {}
+    def __init__(self, quiet=False):
+        self.requested, self.saving, self._previous, self.quiet = None, False, {}, quiet
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -201,44 +202,93 @@ class StopRequests:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        tqdm.write(f"{self.requested}: stopping after this step to save it (send it again to stop "
-                   "at once without saving).")
+        if not self.quiet:  # the ranks of a data-parallel run but rank 0 keep quiet
+                tqdm.write(f"{self.requested}: stopping after this step to save it (send it again to "
+                       "stop at once without saving).")
+
+
+def data_parallel_step(params, cfg, dataset, args, rng, ops, world, shard, stop_requested):
+    """One rank's step of a data-parallel run (minparcae/distributed.py): the whole batch drawn
+    from rng as one process draws it, this rank's rows run, and the loss, gradients and
+    diagnostics summed over the ranks in one all-reduce, together with whether any rank was asked
+    to stop. Returns (loss, grads, diag, stop asked on some rank)."""
+    B = args.batch_size
+    x, y = data.get_batch(dataset.train, B, cfg.context, rng, rows=shard)
+    depths = model.sample_depths(rng, B, cfg)
+    xp = backend.array_module(params["wte"])
+    h0 = (model.initial_state(cfg, (B, cfg.context, cfg.d_h), cfg.state_init, rng,
+                              params["wte"].dtype, xp) if cfg.looped else None)
+    loss, grads, diag = runtime.loss_and_grads(params, cfg, x, y, depths=depths[shard],
+                                               h0=None if h0 is None else h0[shard], rng=rng, ops=ops)
+    names = sorted(grads)
+    w = 1.0 / world.size  # equal shares: every window of a training batch is whole
+    scalars = xp.asarray([loss * w, diag["state_norm"] * w, diag["residual"] * w,
+                          float(stop_requested is not None)], dtype=params["wte"].dtype)
+    summed = world.sum([grads[k] * w for k in names] + [scalars])
+    loss, state_norm, residual, asked = (float(v) for v in backend.to_host(summed[-1]))
+    diag = dict(diag, state_norm=state_norm, residual=residual, steps=int(depths.max()))
+    return loss, dict(zip(names, summed[:-1])), diag, asked > 0
 
 
 def all_finite(arrays):
     return all(bool(backend.array_module(a).isfinite(a).all()) for a in arrays)
 
 
+class _NoLog:
+    """The run log of a rank other than 0: it writes nothing."""
+
+    def write(self, rec):
+        pass
+
+    sync = close = lambda self: None
+
+
 def main(argv=None):
     args, given = parse_args(argv)
+    world = distributed.init()  # one process, or a rank of an MPI launch (minparcae/distributed.py)
     # a diverging run overflows, in this thread and in the batch's worker threads; the non-finite
     # guard of the training loop reports that in one sentence, so NumPy's warnings would only repeat it
-    with warnings.catch_warnings(), files.RunFolder(args.out) as run:
+    with world.guard(), warnings.catch_warnings(), \
+            (files.RunFolder if world.main else files.RunPaths)(args.out) as run:
         warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
                                 RuntimeWarning)
-        return train(args, given, run)
+        return train(args, given, run, world)
 
 
-def train(args, given, run):
+def train(args, given, run, world=None):
+    world = world or distributed.Single()
+    say = print if world.main else (lambda *a, **k: None)
     ckpt_path = run.checkpoint
     if args.resume:
         saved, opt_state, meta = checkpoint.load(ckpt_path)
         take_run_settings(args, given, meta, ckpt_path)
     elif ckpt_path.exists():
+        world.agreed = True
         sys.exit(f"{args.out} already holds a run: pass --resume to continue it, or choose a new --out.")
+    if args.batch_size % world.size:
+        world.agreed = True
+        sys.exit(f"--batch-size {args.batch_size} must divide by the {world.size} ranks: each rank "
+                 "takes an equal share of the global batch.")
+    shard = world.shard(args.batch_size)
     device = backend.use_device(args.device)
+    if device == "gpu":
+        distributed.use_gpu_of_local_rank(world)
     dtype = np.float64 if args.dtype == "float64" else np.float32
     base = model.PRESETS[args.preset]
     start = None
     if args.init_from and not args.resume:
         start = checkpoint.load_model(args.init_from, dtype)
-        print(f"--init-from {args.init_from}: {start.description}")
+        say(f"--init-from {args.init_from}: {start.description}")
     if args.init_from:  # the model's own tokenizer (on resume, as the checkpoint keeps it)
         given_tok = start.tokenizer if start else Tokenizer.from_dict(meta["tokenizer"])
     else:
         given_tok = None
+    if not world.main:
+        world.barrier()  # rank 0 prepares the token cache; the others then find it ready
     dataset = data.prepare_data(args.data, tokenizer=given_tok,
                                 vocab_size=args.vocab_size or base.vocab_size, cache_dir=args.cache_dir)
+    if world.main:
+        world.barrier()
     tok = dataset.tokenizer
     if start is not None:
         cfg = fine_tune_config(args, start.cfg)
@@ -247,7 +297,7 @@ def train(args, given, run):
     else:
         cfg = build_config(args, tok.vocab_size)
     data.check_context(dataset, cfg.context)
-    unigram = data.unigram_entropy(dataset.train, tok.vocab_size, dataset.val)
+    unigram = data.unigram_entropy(dataset.train, tok.vocab_size, dataset.val) if world.main else None
 
     if start is not None:
         params = {k: backend.to_device(v, dtype=dtype) for k, v in start.params.items()}
@@ -274,10 +324,12 @@ def train(args, given, run):
 
     n_params = model.count_params(cfg)
     tokens_per_step = args.batch_size * cfg.context
-    print(f"device {device} | {'fine-tuned model' if args.init_from else args.preset}: {n_params:,} parameters, injection {cfg.injection}, "
-          f"μ_rec {cfg.mean_recurrence}, μ_bwd {cfg.backprop_depth} | {dataset.meta['source']}: "
-          f"{len(dataset.train):,} train / {len(dataset.val):,} val tokens, vocab {tok.vocab_size} | "
-          f"unigram baseline {unigram:.3f}")
+    if world.main:
+        print(f"device {device} | {'fine-tuned model' if args.init_from else args.preset}: {n_params:,} parameters, injection {cfg.injection}, "
+              f"μ_rec {cfg.mean_recurrence}, μ_bwd {cfg.backprop_depth} | {dataset.meta['source']}: "
+              f"{len(dataset.train):,} train / {len(dataset.val):,} val tokens, vocab {tok.vocab_size} | "
+              f"unigram baseline {unigram:.3f}" + (f" | {world.size} ranks, {args.batch_size // world.size} "
+                                                   "sequences each" if world.size > 1 else ""))
 
     def evaluate():
         batches = data.iter_eval_batches(dataset.val, args.batch_size, cfg.context, args.eval_batches)
@@ -317,24 +369,35 @@ def train(args, given, run):
 
     val_loss, bad_in_a_row = None, 0
     rng_state = rng.bit_generator.state  # as of the last completed step: what a checkpoint resumes
-    log = files.RunLog(run.log, resume_step=step if args.resume else None)
-    stop = StopRequests()
-    bar = tqdm(total=args.steps, initial=step, desc="training", dynamic_ncols=True, disable=None)
+    log = files.RunLog(run.log, resume_step=step if args.resume else None) if world.main else _NoLog()
+    stop = StopRequests(quiet=not world.main)
+    stopping = None  # a stop request every rank has agreed on (one process: its own)
+    bar = tqdm(total=args.steps, initial=step, desc="training", dynamic_ncols=True,
+               disable=None if world.main else True)
     try:
         with stop:
-            while step < args.steps and not stop.requested:
+            while step < args.steps and not (stop.requested if world.size == 1 else stopping):
                 t0 = time.perf_counter()
                 lr = optim.lr_at(step, args.steps, args.lr, args.warmup, args.schedule)
-                x, y = data.get_batch(dataset.train, args.batch_size, cfg.context, rng)
-                depths = model.sample_depths(rng, args.batch_size, cfg)
-                loss, grads, diag = runtime.loss_and_grads(params, cfg, x, y, depths=depths, rng=rng,
-                                                           ops=ops)
+                if world.size == 1:
+                    x, y = data.get_batch(dataset.train, args.batch_size, cfg.context, rng)
+                    depths = model.sample_depths(rng, args.batch_size, cfg)
+                    loss, grads, diag = runtime.loss_and_grads(params, cfg, x, y, depths=depths,
+                                                               rng=rng, ops=ops)
+                else:
+                    loss, grads, diag, asked = data_parallel_step(params, cfg, dataset, args, rng,
+                                                                  ops, world, shard, stop.requested)
+                    if asked and not stopping:
+                        stopping = stop.requested or "a stop request on another rank"
+                        if not stop.requested:
+                            say(f"{stopping}: stopping after this step to save it.")
                 grad_norm = optim.clip_grad_norm(grads, args.clip)
                 rng_state = rng.bit_generator.state
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     skipped += 1
                     bad_in_a_row += 1
                     if bad_in_a_row >= MAX_BAD_STEPS:
+                        world.agreed = True  # every rank sees the same reduced gradients
                         sys.exit(f"training stopped: {bad_in_a_row} non-finite steps in a row at "
                                  f"step {step}; the last good checkpoint is {last_good()}. "
                                  f"To go on, {advice()}.")
@@ -348,7 +411,7 @@ def train(args, given, run):
                        "rho": diag["rho"], "state_norm": diag["state_norm"],
                        "residual": diag["residual"], "loop_steps": diag["steps"],
                        "tokens_per_s": tokens_per_step / dt, "skipped": skipped}
-                evaluated = step % args.eval_every == 0 or step == args.steps
+                evaluated = (step % args.eval_every == 0 or step == args.steps) and world.main
                 if evaluated:
                     val_loss = evaluate()
                     rec["val_loss"] = val_loss
@@ -364,11 +427,15 @@ def train(args, given, run):
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
                                 rho=f"{diag['rho']:.3f}")
                 bar.update(1)
-            if stop.requested:
+            stopping = stop.requested if world.size == 1 else stopping
+            if stopping:
+                world.agreed = True  # every rank leaves the loop at this step
+                if not world.main:
+                    sys.exit(0)
                 if saved_step != step and not save(val_loss):
-                    sys.exit(f"{stop.requested} at step {step}: the weights are not finite, so no "
+                    sys.exit(f"{stopping} at step {step}: the weights are not finite, so no "
                              f"checkpoint was written; the last good checkpoint is {last_good()}.")
-                sys.exit(f"{stop.requested} at step {step}: checkpoint saved to {ckpt_path}; "
+                sys.exit(f"{stopping} at step {step}: checkpoint saved to {ckpt_path}; "
                          f"continue with: python train.py --out {args.out} --resume")
     except KeyboardInterrupt:
         sys.exit(f"stopped at step {step} without saving it; the last good checkpoint is "
@@ -379,6 +446,8 @@ def train(args, given, run):
     finally:
         bar.close()
         log.close()
+    if not world.main:
+        return None
     if val_loss is None:  # resumed a run that had already finished
         val_loss = evaluate()
     if args.sample_tokens:

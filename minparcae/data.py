@@ -533,13 +533,14 @@ def _windows(tokens, offsets, context):
     return backend.to_device(w[:, :-1]), backend.to_device(w[:, 1:])
 
 
-def get_batch(tokens, batch_size, context, rng):
+def get_batch(tokens, batch_size, context, rng, rows=None):
     """A training batch of `batch_size` windows at uniformly random offsets drawn from `rng` (a
     `numpy.random.Generator`, so a seeded run sees the same batches): x, y int64 of shape
-    (batch_size, context)."""
+    (batch_size, context). `rows` (a slice) reads only those windows of the batch: a rank of a
+    data-parallel run draws the whole batch's offsets, as one process would, and reads its share."""
     _check_window(tokens, context)
     offsets = rng.integers(0, len(tokens) - context, size=batch_size)
-    return _windows(tokens, offsets, context)
+    return _windows(tokens, offsets if rows is None else offsets[rows], context)
 
 
 def iter_eval_batches(tokens, batch_size, context, max_batches=None):

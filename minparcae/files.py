@@ -83,6 +83,22 @@ def durable_write(path, fill):
     atomic_write(path, write)
 
 
+class RunPaths:
+    """The paths of a run folder, without creating or locking it: what the ranks other than 0 of
+    a data-parallel run use (rank 0 holds the RunFolder; the others only read its checkpoint)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.checkpoint = self.path / "ckpt.npz"
+        self.log = self.path / "log.jsonl"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 class RunFolder:
     """A run folder, created if needed and locked for this process (use it as a context manager).
 

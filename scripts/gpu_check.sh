@@ -13,6 +13,7 @@
 #   tests       every GPU-marked test, failures named, JUnit XML
 #   bench       training tokens/s, MFU and peak memory against PyTorch eager and torch.compile:
 #               the medium bench size, then parcae-140m at 8 × 512 tokens
+#   nccl        the data-parallel all-reduce through NCCL on one GPU, one rank: must be the identity
 #   train       the default `python train.py --device gpu`, wall time and val_loss
 # Every phase's full output goes to $OUT/<phase>.log (OUT defaults to out/gpu_check); the summary,
 # with per-phase times, to stdout and $OUT/summary.txt. The last line is exactly one of
@@ -106,6 +107,9 @@ phase bench-140m 80 "$PY" bench/gpu_bench.py --preset parcae-140m --batch 8 --se
 for b in bench-medium bench-140m; do
     grep -E "^\|" "$OUT/$b.log" | tee -a "$summary"
 done
+
+# --- data parallelism: NCCL's all-reduce through minparcae.distributed, one rank (identity)
+phase nccl 30 "$PY" scripts/gpu_nccl_smoke.py
 
 # --- the default training run, on the GPU
 train_out=$(mktemp -d)

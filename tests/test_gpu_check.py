@@ -62,7 +62,8 @@ def test_gpu_check_stops_in_its_preflight(tmp_path, cupy):
 
 @pytest.mark.parametrize("script, option, args", [
     ("bench/gpu_bench.py", "--peak-tflops", ["--preset", "medium", "--compile"]),
-    ("scripts/gpu_kernels_once.py", "--seq", ["--seq", "512"])])
+    ("scripts/gpu_kernels_once.py", "--seq", ["--seq", "512"]),
+    ("scripts/gpu_nccl_smoke.py", "--elements", ["--elements", "1000"])])
 def test_gpu_scripts_parse_their_arguments_and_need_a_gpu(script, option, args):
     path = os.path.join(ROOT, script)
     help_text = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, timeout=120)
