@@ -21,7 +21,9 @@ files, is reported with the first such file, so that a wrongly encoded corpus do
 `prepare_data` tokenises once into `train.bin`/`val.bin` (uint16, or uint32 past 65,536 ids) next
 to `meta.json` and `tokenizer.json`, in a cache folder keyed by a fingerprint of the source files
 and the tokenizer, and later runs with the same fingerprint reuse it. Training then reads windows
-through `numpy.memmap`, so the corpus never has to fit in memory. Every file is written atomically
+through `numpy.memmap`, so the corpus never has to fit in memory, and it never does while it is
+prepared either: documents are streamed from disk one at a time (a long lone file in ~1 MB pieces)
+and every pass over the tokens is chunked (see "streamed documents" below). Every file is written atomically
 and meta.json last; a cache folder whose files do not match its meta.json (a disk that filled up,
 a file deleted by hand) is rebuilt, not trusted.
 """
