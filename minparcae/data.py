@@ -9,7 +9,7 @@ Sources (`find_source`):
 - a text file (one document), a folder (every .txt/.md/.py file below it, hidden ones skipped), or
   a .jsonl file (one document per line, in its "text" field).
 
-Documents go to train or validation as a whole (`split_documents`), by a hash of a stable key, so
+Documents go to train or validation as a whole (`split_flags`), by a hash of a stable key, so
 the split never changes between runs and no file leaks into both; a lone document is cut instead,
 its tail going to validation. In each split every document is preceded by the end-of-text token,
 so the model learns where documents start and a prompt of just that token asks for a fresh one.
