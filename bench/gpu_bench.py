@@ -186,8 +186,7 @@ def main(argv=None):
                     help="the GPU's peak for MFU (default: H100/H200 float32 without tensor cores)")
     args = ap.parse_args(argv)
     cfg = config(args.preset)
-    if backend.use_device("auto") != "gpu":
-        sys.exit("gpu_bench.py needs an NVIDIA GPU with CuPy: install minparcae[gpu] on a machine with one.")
+    backend.require_gpu("gpu_bench.py")
     import cupy as cp
     B, T = args.batch, min(args.seq, cfg.context)
     flops = model.flops_per_token(replace(cfg, context=T), train=True)

@@ -24,6 +24,7 @@ The number of CPU threads is BLAS's (OPENBLAS_NUM_THREADS; minparcae/runtime.py)
 """
 
 import os
+import sys
 
 import numpy as np
 
@@ -60,6 +61,12 @@ def use_device(name=None):
         name = "gpu" if gpu_available() else "cpu"
     _state["device"] = name
     return name
+
+
+def require_gpu(program):
+    """Select the GPU, or end `program` (a script's file name) with one sentence saying it needs one."""
+    if use_device("auto") != "gpu":
+        sys.exit(f"{program} needs an NVIDIA GPU with CuPy: install minparcae[gpu] on a machine with one.")
 
 
 def device():

@@ -136,9 +136,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, default=1024, help="sequence length")
     args = ap.parse_args(argv)
-    if backend.use_device("auto") != "gpu":
-        sys.exit("gpu_kernels_once.py needs an NVIDIA GPU with CuPy: install minparcae[gpu] on a machine "
-                 "with one.")
+    backend.require_gpu("gpu_kernels_once.py")
     sys.exit(1 if check(cases(args.seq)) else 0)
 
 

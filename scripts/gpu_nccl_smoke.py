@@ -20,9 +20,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--elements", type=int, default=1_000_000, help="elements of the gradient-like array")
     args = ap.parse_args(argv)
-    if backend.use_device("auto") != "gpu":
-        sys.exit("gpu_nccl_smoke.py needs an NVIDIA GPU with CuPy: install minparcae[gpu] on a machine "
-                 "with one.")
+    backend.require_gpu("gpu_nccl_smoke.py")
     import cupy
 
     from minparcae.distributed import MPIWorld

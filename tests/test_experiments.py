@@ -124,6 +124,18 @@ def test_fixed_depth_smoke_in_two_processes(corpus, tmp_path):
     assert all(np.isfinite(float(r["val_loss"])) for r in rows)
 
 
+def without_keys(src, dest, *keys):
+    """An output folder `dest` whose runs.json is src's without `keys`, as an older version of
+    the script wrote it; returns (dest, its records)."""
+    dest.mkdir()
+    records = json.loads((src / "runs.json").read_text())
+    for r in records:
+        for k in keys:
+            del r[k]
+    (dest / "runs.json").write_text(json.dumps(records))
+    return dest, records
+
+
 def test_fixed_depth_token_sweep_and_merge(corpus, tmp_path):
     a, b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
     pair = ("--models", "parcae,fixed", "--seeds", "0,1")
@@ -157,12 +169,7 @@ def test_fixed_depth_token_sweep_and_merge(corpus, tmp_path):
     assert [r["note"] for r in read_csv(merged / "matched_flops.csv")] == ["", "", "outside the sweep"]
 
     # an output written before budgets were recorded: its budget is the tokens it planned
-    old = tmp_path / "old"
-    old.mkdir()
-    legacy = json.loads((b / "runs.json").read_text())
-    for r in legacy:
-        del r["budget"], r["command"]
-    (old / "runs.json").write_text(json.dumps(legacy))
+    old, legacy = without_keys(b, tmp_path / "old", "budget", "command")
     fixed_depth.main(["--merge", f"{a},{old}", "--out", str(tmp_path / "with_old")])
     assert read_csv(tmp_path / "with_old" / "summary.csv") == rows
 
@@ -283,12 +290,7 @@ def test_isoflop_seeds_and_merge(corpus, tmp_path):
     readme = (merged / "README.md").read_text()
     assert "Merged outputs" in readme and "--budgets 2" in readme and "Unit budget" in readme
     # the unit of records written before unit_flops was kept comes from their FLOPs
-    old = tmp_path / "old"
-    old.mkdir()
-    legacy = json.loads((small / "runs.json").read_text())
-    for r in legacy:
-        del r["unit_flops"], r["command"]
-    (old / "runs.json").write_text(json.dumps(legacy))
+    old, _ = without_keys(small, tmp_path / "old", "unit_flops", "command")
     isoflop.main(["--merge", f"{old},{large}", "--out", str(tmp_path / "with_old")])
     assert read_csv(tmp_path / "with_old" / "isoflop.csv") == rows
     with pytest.raises(ValueError, match="is in both"):
