@@ -232,6 +232,9 @@ def _check_options(cfg, cache, adaptive, kv_slots, warm_start, past_context, spe
         raise ValueError("adaptive depth, kv_slots, warm start and speculative decoding need the "
                          "cached decoder: do not combine them with cache=False.")
     if speculative is not None:
+        if not cfg.looped:
+            raise ValueError("speculative decoding drafts with the loop stopped early: the "
+                             "fixed-depth baseline has no loop to stop.")
         gamma, draft = speculative
         if gamma < 1 or draft < 1:
             raise ValueError(f"speculative decoding needs γ ≥ 1 drafted tokens and a draft depth ≥ 1, "
@@ -260,7 +263,7 @@ def generate(params, cfg, prompt, n_tokens, n_loops=None, temperature=1.0, top_k
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError("the prompt must hold at least one token per row.")
     stats = {} if stats is None else stats
-    if speculative is not None and cfg.looped:
+    if speculative is not None:
         return _speculative(params, cfg, ids, n_tokens, n_loops, *speculative, temperature, top_k,
                             top_p, rng, stop_id, return_loops, progress, ops, stats)
     xp = array_module(params["wte"])

@@ -212,6 +212,8 @@ def test_errors_are_one_sentence():
         G.generate(p, cfg, [[1, 2]], 3, n_loops=3, speculative=(2, 3))
     with pytest.raises(ValueError, match="do not combine it with adaptive depth"):
         G.generate(p, cfg, [[1, 2]], 3, adaptive="kl", speculative=(2, 1))
+    with pytest.raises(ValueError, match="has no loop to stop"):
+        G.generate(p, tiny_cfg(injection="none"), [[1, 2]], 3, speculative=(2, 1))
     with pytest.raises(ValueError, match="longer than the context"):
         G.long_text_losses(p, cfg, np.ones((1, 16), int))
     with pytest.raises(ValueError, match="needs an rng"):
