@@ -573,12 +573,30 @@ def unigram_entropy(tokens, vocab_size, eval_tokens=None):
 def token_counts(tokens, vocab_size, chunk=1 << 24):
     """How often each id occurs in `tokens`, read `chunk` tokens at a time."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for i in range(0, len(tokens), chunk):
-        part = np.bincount(np.asarray(tokens[i:i + chunk]), minlength=vocab_size)
+    for part in _chunks(tokens, chunk):
+        part = np.bincount(part, minlength=vocab_size)
         if len(part) > vocab_size:
             raise ValueError(f"token id {len(part) - 1} is outside the vocabulary of {vocab_size}.")
         counts += part
     return counts
+
+
+def _chunks(tokens, chunk):
+    """`tokens` in consecutive arrays of `chunk`. A whole token file's memmap is read through
+    plain reads of its file: its pages then sit in the system's page cache, not in this process's
+    resident memory, as touching every page of the mapping would leave them."""
+    name = getattr(tokens, "filename", None)
+    if isinstance(tokens, np.memmap) and name and os.path.exists(name) and \
+            os.path.getsize(name) == tokens.offset + tokens.nbytes and tokens.flags.c_contiguous:
+        with open(name, "rb") as f:
+            f.seek(tokens.offset)
+            while True:
+                part = np.fromfile(f, dtype=tokens.dtype, count=chunk)
+                if not len(part):
+                    return
+                yield part
+    for i in range(0, len(tokens), chunk):
+        yield np.asarray(tokens[i:i + chunk])
 
 
 def encode_source(path, tokenizer):

@@ -122,9 +122,15 @@ def test_jsonl_documents_are_found_by_their_offsets(tmp_path):
     assert [t for t, _ in iter_texts(plan)] == texts
 
 
-def test_token_counts_in_chunks():
+def test_token_counts_in_chunks(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 50, 10_001).astype(np.uint16)
-    assert np.array_equal(token_counts(tokens, 50, chunk=999), np.bincount(tokens, minlength=50))
+    want = np.bincount(tokens, minlength=50)
+    assert np.array_equal(token_counts(tokens, 50, chunk=999), want)
+    path = tmp_path / "train.bin"
+    tokens.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint16, mode="r")  # read through the file
+    assert np.array_equal(token_counts(mapped, 50, chunk=999), want)
+    assert np.array_equal(token_counts(mapped[5:], 50, chunk=999), np.bincount(tokens[5:], minlength=50))
     with pytest.raises(ValueError, match="token id 50 is outside the vocabulary of 50"):
         token_counts(np.array([50]), 50)
 
