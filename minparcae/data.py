@@ -562,7 +562,7 @@ def unigram_entropy(tokens, vocab_size, eval_tokens=None):
     """Loss in nats per token of the best predictor that ignores context: the unigram distribution
     of `tokens` with add-one (Laplace) smoothing, p(v) = (count(v) + 1) / (N + vocab_size), so an
     id never seen in training still has a finite loss; evaluated as cross-entropy on `eval_tokens`
-    (default: `tokens` themselves). A model that has learned anything beats it. Counted in chunks,
+    (default: `tokens` themselves). A model that has learned anything beats it. Counted in chunks
     so a memory-mapped corpus is never copied whole."""
     counts = token_counts(tokens, vocab_size)
     log_p = np.log(counts + 1.0) - np.log(len(tokens) + vocab_size)
@@ -570,7 +570,7 @@ def unigram_entropy(tokens, vocab_size, eval_tokens=None):
     return float(-(eval_counts * log_p).sum() / eval_counts.sum())
 
 
-def token_counts(tokens, vocab_size, chunk=1 << 24):
+def token_counts(tokens, vocab_size, chunk=1 << 22):
     """How often each id occurs in `tokens`, read `chunk` tokens at a time."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for part in _chunks(tokens, chunk):
