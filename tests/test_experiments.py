@@ -303,6 +303,50 @@ def test_isoflop_seeds_and_merge(corpus, tmp_path):
             isoflop.main(argv)
 
 
+def test_runs_are_saved_as_they_finish_and_resume_trains_only_the_rest(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "iso"
+    argv = toy_args(corpus, out, "--steps", "3", "--loops", "1,2", "--seeds", "0,1", "--budgets", "1")
+    isoflop.main(argv)
+    whole = json.loads((out / "runs.json").read_text())
+    assert [(r["seed"], r["mu"]) for r in whole] == [(0, 1), (0, 2), (1, 1), (1, 2)]  # seed by seed
+    report = (out / "isoflop.csv").read_text()
+
+    # a sweep that dies in its third run keeps the two that finished
+    real, calls = common.train_run, []
+
+    def dies_in_the_third(spec, dataset=None):
+        calls.append(spec["name"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(spec, dataset)
+
+    monkeypatch.setattr(common, "train_run", dies_in_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        isoflop.main(argv)
+    part = json.loads((out / "runs.json").read_text())
+    assert [r["name"] for r in part] == calls[:2] and not (out / "runs.json.tmp").exists()
+
+    # --resume trains the other two only, and the report is that of the uninterrupted sweep
+    calls.clear()
+    monkeypatch.setattr(common, "train_run", lambda spec, dataset=None: calls.append(spec["name"])
+                        or real(spec, dataset))
+    isoflop.main(argv + ["--resume"])
+    assert calls == [r["name"] for r in whole[2:]]
+    again = json.loads((out / "runs.json").read_text())
+    assert [r["val_loss"] for r in again] == [r["val_loss"] for r in whole]  # same seeds, same numbers
+    assert (out / "isoflop.csv").read_text() == report
+    assert "--resume" not in again[-1]["command"]
+    calls.clear()
+    isoflop.main(argv + ["--resume"])  # nothing left to train
+    assert calls == []
+    # runs made with other flags are not thrown away
+    with pytest.raises(ValueError, match="which these flags do not make"):
+        isoflop.main(toy_args(corpus, out, "--steps", "4", "--loops", "1,2", "--seeds", "0,1",
+                              "--budgets", "1", "--resume"))
+    with pytest.raises(SystemExit):
+        isoflop.main(["--merge", str(out), "--out", str(tmp_path / "m"), "--resume"])
+
+
 def _fixed_depth_output(corpus, tmp_path):
     out = tmp_path / "fd"
     fixed_depth.main(toy_args(corpus, out, "--steps", "2", "--seeds", "0", "--models", "fixed"))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .. import backend, data, kernels, model, optim
+from .. import backend, data, files, kernels, model, optim
 
 SPIKE = 1.0  # nats above the best smoothed loss: a spike, and at the end of a run, a divergence
 
@@ -54,6 +54,9 @@ def parser(description, name, steps, seeds="0,1"):
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own "
                     "process with one thread; on CPU set it to the number of cores")
     ap.add_argument("--device", default=None, choices=["cpu", "gpu", "auto"])
+    ap.add_argument("--resume", action="store_true", help="keep the runs already finished in "
+                    "--out/runs.json and train only the rest (an interrupted sweep goes on where it "
+                    "stopped; runs.json is rewritten as each run finishes)")
     ap.set_defaults(experiment=name)
     return ap
 
@@ -76,8 +79,10 @@ def parse(ap, argv=None):
         args.seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         ap.error(f"--seeds must be comma-separated integers, not {args.seeds!r}")
+    # the command that makes these runs: --resume only says which of them to train now
     args.command = " ".join([f"python -m minparcae.experiments.{args.experiment}"]
-                            + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
+                            + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+                               if a != "--resume"])
     return args
 
 
@@ -117,14 +122,15 @@ def base_config(args, vocab_size, **overrides):
 
 
 def spec(args, cfg, *, lr, seed, name, steps=None, warmup=None, schedule="trapezoid",
-         weight_decay=0.1, clip=1.0, eval_loops=None, spike=SPIKE):
-    """A run's description: everything `train_run` needs, as plain values."""
+         weight_decay=0.1, clip=1.0, eval_loops=None, spike=SPIKE, keep=None):
+    """A run's description: everything `train_run` needs, as plain values. `keep`: fields copied
+    into the run's record as they are (what the report groups by: budget, μ_rec, the command)."""
     steps = steps or args.steps
     return {"name": name, "config": cfg.to_dict(), "lr": lr, "seed": seed, "steps": steps,
             "batch_size": args.batch_size, "warmup": steps // 10 if warmup is None else warmup,
             "schedule": schedule, "weight_decay": weight_decay, "clip": clip, "spike": spike,
             "eval_batches": args.eval_batches, "eval_loops": list(eval_loops or []),
-            "data": data_spec(args), "device": args.device}
+            "data": data_spec(args), "device": args.device, "keep": dict(keep or {})}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -196,7 +202,8 @@ def train_run(spec, dataset=None):
             opt.step(params, grads, lr)
     seconds = time.perf_counter() - t0
     done = len(hist["loss"])
-    rec = {"name": spec["name"], "config": spec["config"], "lr": spec["lr"], "seed": spec["seed"],
+    rec = {**spec["keep"], "name": spec["name"], "config": spec["config"], "lr": spec["lr"],
+           "seed": spec["seed"], "identity": identity(spec),
            "steps": steps, "steps_done": done, "seconds": seconds, "history": hist,
            "tokens": done * B * cfg.context,
            "train_flops": model.flops_per_token(cfg, train=True) * done * B * cfg.context}
@@ -226,31 +233,77 @@ def _one_thread_env():
         os.environ[var] = "1"
 
 
-def run_all(specs, jobs=1, dataset=None, summary=None):
+def identity(spec):
+    """What makes two specs the same run, wherever and however they are trained: the spec without
+    the device, the tokenised corpus's cache folder and the fields only copied into the record."""
+    ident = {k: v for k, v in spec.items() if k not in ("device", "keep")}
+    ident["data"] = {k: v for k, v in spec["data"].items() if k != "cache_dir"}
+    return ident
+
+
+def finished_runs(out, specs):
+    """For --resume: the records in out/runs.json, as {spec index: record} for the specs they
+    match. A ValueError if runs.json holds a run that is none of `specs` (it would be lost when
+    runs.json is rewritten)."""
+    path = Path(out, "runs.json")
+    if not path.is_file():
+        return {}
+    try:
+        runs = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} is not valid JSON: --resume needs the runs.json this script "
+                         "wrote (move it away to start again)") from None
+    index = {json.dumps(identity(s), sort_keys=True): i for i, s in enumerate(specs)}
+    found = {}
+    for r in runs if isinstance(runs, list) else [None]:
+        i = index.get(json.dumps(r.get("identity"), sort_keys=True)) if isinstance(r, dict) else None
+        if i is None:
+            name = r.get("name", "?") if isinstance(r, dict) else "?"
+            raise ValueError(f"{path} holds the run {name!r}, which these flags do not make: "
+                             "--resume must repeat the flags that started the sweep (or use a new --out)")
+        found[i] = r
+    return found
+
+
+def run_all(specs, jobs=1, dataset=None, summary=None, out=None, resume=False):
     """Train every spec; return the records in the specs' order. jobs > 1 trains that many at once,
     each in a fresh process limited to one thread (set before NumPy loads its BLAS there).
-    `summary(record)` gives the one line printed as each run finishes."""
+    `summary(record)` gives the one line printed as each run finishes. With `out`, out/runs.json
+    holds the records finished so far (in the specs' order), rewritten as each run finishes, so
+    an interrupted sweep loses only the runs in progress; with `resume`, the runs already there
+    are kept and not trained again."""
     records = [None] * len(specs)
-    bar = tqdm(total=len(specs), desc="runs", unit="run", dynamic_ncols=True, disable=None)
+    kept = finished_runs(out, specs) if resume and out is not None else {}
+    if resume:
+        print(f"--resume: {len(kept)} of {len(specs)} runs already finished in {out}/runs.json; "
+              f"training the other {len(specs) - len(kept)}")
+    elif out is not None and Path(out, "runs.json").exists():
+        print(f"{out}/runs.json is replaced as runs finish (--resume would keep its finished runs)")
+    for i, r in kept.items():
+        records[i] = r
+    todo = [i for i in range(len(specs)) if i not in kept]
+    bar = tqdm(total=len(todo), desc="runs", unit="run", dynamic_ncols=True, disable=None)
 
     done = []
 
     def finished(i, rec):
         records[i] = rec
         done.append(i)
+        if out is not None:
+            save_records(out, [r for r in records if r is not None])
         bar.update(1)
-        bar.write(f"[{len(done)}/{len(specs)}] {rec['name']}: "
+        bar.write(f"[{len(done)}/{len(todo)}] {rec['name']}: "
                   + (summary(rec) if summary else _default_summary(rec)) + f" ({rec['seconds']:.0f} s)")
 
     if jobs == 1:
-        for i, s in enumerate(specs):
-            finished(i, train_run(s, dataset))
+        for i in todo:
+            finished(i, train_run(specs[i], dataset))
     else:
         saved = dict(os.environ)
         _one_thread_env()  # inherited by the spawned workers
         try:
             with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(train_run, s): i for i, s in enumerate(specs)}
+                futures = {pool.submit(train_run, specs[i]): i for i in todo}
                 for f in as_completed(futures):
                     finished(futures[f], f.result())
         finally:
@@ -314,9 +367,9 @@ def write_report(out, title, args, sections, seconds, baseline=None):
 
 
 def save_records(out, records):
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out, "runs.json"), "w") as f:
-        json.dump(records, f)
+    """Write out/runs.json whole or not at all (files.durable_write)."""
+    text = json.dumps(records).encode()
+    files.durable_write(str(Path(out, "runs.json")), lambda f: f.write(text))
 
 
 def load_runs(dirs, script, ours, key_of, name_of, group_of):
@@ -354,7 +407,7 @@ def merge_args(ap, args, *training_flags):
     """The folders of --merge, after refusing flags that only training uses and an --out that is
     one of them (it would overwrite its runs.json)."""
     dirs = args.merge.split(",")
-    for flag in training_flags:
+    for flag in (*training_flags, "--resume"):
         dest = flag.lstrip("-").replace("-", "_")
         if getattr(args, dest) != ap.get_default(dest):
             ap.error(f"--merge reports earlier runs and trains nothing: train with {flag} on its own "

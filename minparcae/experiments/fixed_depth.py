@@ -99,20 +99,18 @@ def main(argv=None):
     for budget, steps in sorted(budgets.items(), reverse=True):  # longest first: --jobs ends on short runs
         for seed in args.seeds:
             for n in names:
-                s = common.spec(args, cfgs[n], lr=args.lr, seed=seed, steps=steps,
-                                name=f"{n} {tokens_label(budget)} seed={seed}")
-                s.update(model=n, budget=budget)
-                specs.append(s)
+                specs.append(common.spec(args, cfgs[n], lr=args.lr, seed=seed, steps=steps,
+                                         name=f"{n} {tokens_label(budget)} seed={seed}",
+                                         keep={"model": n, "budget": budget,
+                                               "params": model.count_params(cfgs[n]),
+                                               "command": args.command}))
     for n in names:
         print(f"{n}: {model.count_params(cfgs[n]):,} parameters, "
               f"{model.flops_per_token(cfgs[n]) / 1e6:.2f} MFLOP per training token")
     print("budgets: " + ", ".join(f"{tokens_label(b)} tokens = {s:,} steps" for b, s in budgets.items())
           + f"; {len(specs)} runs")
-    records = common.run_all(specs, args.jobs, dataset if args.jobs == 1 else None)
-    for r, s in zip(records, specs):
-        r.update(model=s["model"], budget=s["budget"], params=model.count_params(cfgs[s["model"]]),
-                 command=args.command)
-    common.save_records(args.out, records)
+    records = common.run_all(specs, args.jobs, dataset if args.jobs == 1 else None, out=args.out,
+                             resume=args.resume)
     report(records, args, time.perf_counter() - t0, common.unigram(dataset))
 
 

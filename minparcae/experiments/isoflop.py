@@ -63,22 +63,21 @@ def main(argv=None):
     tokens_per_step = args.batch_size * args.context
     unit = model.flops_per_token(cfg_for(REFERENCE_MU)) * tokens_per_step * args.steps
     specs = []
-    for b in sorted(budgets, reverse=True):  # largest first: --jobs ends on short runs
-        for mu in mus:
-            cfg = cfg_for(mu)
-            steps = max(1, round(b * unit / (model.flops_per_token(cfg) * tokens_per_step)))
-            for seed in args.seeds:
-                s = common.spec(args, cfg, lr=args.lr, seed=seed, steps=steps,
-                                name=f"budget {b:g}× μ_rec={mu} seed={seed}")
-                s.update(budget=b, unit_flops=unit)
-                specs.append(s)
+    # largest budget first (--jobs ends on short runs); within a budget seed by seed, so that an
+    # interrupted sweep (--resume) has whole seeds to compare
+    for b in sorted(budgets, reverse=True):
+        for seed in args.seeds:
+            for mu in mus:
+                cfg = cfg_for(mu)
+                steps = max(1, round(b * unit / (model.flops_per_token(cfg) * tokens_per_step)))
+                specs.append(common.spec(args, cfg, lr=args.lr, seed=seed, steps=steps,
+                                         name=f"budget {b:g}× μ_rec={mu} seed={seed}",
+                                         keep={"budget": b, "mu": mu, "unit_flops": unit,
+                                               "command": args.command}))
     print(f"unit budget: {unit / 1e12:.3g} TFLOP ({args.steps} steps at μ_rec {REFERENCE_MU}); "
           f"{len(specs)} runs")
-    records = common.run_all(specs, args.jobs, dataset if args.jobs == 1 else None)
-    for r, s in zip(records, specs):
-        r.update(budget=s["budget"], mu=s["config"]["mean_recurrence"], unit_flops=unit,
-                 command=args.command)
-    common.save_records(args.out, records)
+    records = common.run_all(specs, args.jobs, dataset if args.jobs == 1 else None, out=args.out,
+                             resume=args.resume)
     report(records, args, time.perf_counter() - t0, common.unigram(dataset))
 
 

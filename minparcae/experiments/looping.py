@@ -43,11 +43,9 @@ def main(argv=None):
                                  mean_recurrence=mu, backprop_depth=math.ceil(mu / 2))
         for seed in args.seeds:
             specs.append(common.spec(args, cfg, lr=args.lr, seed=seed, eval_loops=T_eval,
-                                     name=f"μ_rec={mu} seed={seed}"))
-    records = common.run_all(specs, args.jobs, dataset if args.jobs == 1 else None)
-    for r in records:
-        r["mu"] = r["config"]["mean_recurrence"]
-    common.save_records(args.out, records)
+                                     name=f"μ_rec={mu} seed={seed}", keep={"mu": mu}))
+    records = common.run_all(specs, args.jobs, dataset if args.jobs == 1 else None, out=args.out,
+                             resume=args.resume)
     report(records, args, T_eval, time.perf_counter() - t0, common.unigram(dataset))
 
 

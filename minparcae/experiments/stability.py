@@ -55,14 +55,13 @@ def main(argv=None):
         for lr in lrs:
             for seed in args.seeds:
                 specs.append(common.spec(args, cfg, lr=lr, seed=seed, schedule="constant",
-                                         clip=args.clip, name=f"{kind} lr={lr:g} seed={seed}"))
+                                         clip=args.clip, name=f"{kind} lr={lr:g} seed={seed}",
+                                         keep={"injection": kind}))
     print(f"{len(specs)} runs of {args.steps} steps; model: d {args.d_model}, 1 prelude, 1 "
           f"recurrent, 1 coda block, μ_rec {args.mean_recurrence}, μ_bwd {args.backprop_depth}; "
           f"gradient clip {args.clip:g}")
-    records = common.run_all(specs, args.jobs, dataset if args.jobs == 1 else None, summary=_summary)
-    for r, s in zip(records, specs):
-        r["injection"] = s["config"]["injection"]
-    common.save_records(args.out, records)
+    records = common.run_all(specs, args.jobs, dataset if args.jobs == 1 else None, summary=_summary,
+                             out=args.out, resume=args.resume)
     report(records, args, time.perf_counter() - t0, common.unigram(dataset))
 
 
