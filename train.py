@@ -50,6 +50,8 @@ RUN_SETTINGS = ("preset", "init_from", "data", "vocab_size", "context", "batch_s
 # taken from the run too when --resume is not told otherwise, but free to change
 RESUME_DEFAULTS = ("steps", "eval_every", "eval_batches", "sample_tokens", "cache_dir")
 _UNSET = object()
+# the closing samples (closing_samples); sample.py's flags give any other setting
+SAMPLE_PROMPT, SAMPLE_TEMPERATURE, SAMPLE_TOP_K = "def ", 0.8, 50
 
 
 def parse_args(argv=None):
@@ -451,13 +453,32 @@ def train(args, given, run, world=None):
     if val_loss is None:  # resumed a run that had already finished
         val_loss = evaluate()
     if args.sample_tokens:
-        prompt = tok.encode("def ")
-        out = generate.generate(params, cfg, [prompt], args.sample_tokens, temperature=0.8, top_k=50,
-                                rng=np.random.default_rng(args.seed), stop_id=tok.eot_id, ops=ops)
-        print("sample:\n" + tok.decode(prompt + out[0]))
+        print(closing_samples(params, cfg, tok, dataset, args, ops))
     print(f"unigram baseline: {unigram:.4f}, skipped steps: {skipped}")
     print(f"val_loss: {val_loss:.4f}")
     return val_loss
+
+
+def closing_samples(params, cfg, tok, dataset, args, ops):
+    """What a run ends with: one prompt continued with the same random draws at T = 1 (one pass
+    through the loop) and at T = μ_rec, side by side, each under its validation loss, so that the
+    first thing a run shows is what the loop adds. A fixed-depth model has one sample."""
+    prompt = tok.encode(SAMPLE_PROMPT)
+    depths = [1, cfg.mean_recurrence] if cfg.looped and cfg.mean_recurrence > 1 else [None]
+    texts, titles = [], []
+    for n in depths:
+        out = generate.generate(params, cfg, [prompt], args.sample_tokens, n_loops=n,
+                                temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K,
+                                rng=np.random.default_rng(args.seed), stop_id=tok.eot_id, ops=ops)
+        texts.append(tok.decode(prompt + out[0]))
+        batches = data.iter_eval_batches(dataset.val, args.batch_size, cfg.context, args.eval_batches)
+        loss = model.evaluate(params, cfg, batches, n_loops=n, ops=ops)
+        titles.append(f"T = {n or 1}" + (" (one pass)" if n == 1 else " (μ_rec)" if n else "")
+                      + f": val loss {loss:.4f}")
+    if len(texts) == 1:
+        return "sample:\n" + texts[0]
+    return (f"samples (temperature {SAMPLE_TEMPERATURE}, top-k {SAMPLE_TOP_K}, the same random draws "
+            "at each loop count):\n" + cli.side_by_side(texts, titles))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ here refuses both, since no setting of minparcae means anything at either.
 
 import argparse
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -68,3 +69,27 @@ def run(main, *args):
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt
+
+
+def side_by_side(texts, titles, width=None):
+    """`texts` as columns under their `titles`, for a terminal `width` columns wide (default: this
+    terminal's, 120 when there is none). Tabs become four spaces, unprintable characters "?", and a
+    line longer than its column continues on the next row after "↳ ". Too narrow for columns (under
+    36 characters each), the texts come one after another."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    gap = " │ "
+    col = (width - len(gap) * (len(texts) - 1)) // len(texts)
+    if col < 36:
+        return "\n\n".join(f"{title}\n{text}" for title, text in zip(titles, texts))
+    columns = []
+    for text, title in zip(texts, titles):
+        rows = [title[:col], "─" * col]
+        for line in text.expandtabs(4).split("\n"):
+            line = "".join(c if c.isprintable() else "?" for c in line)
+            rows.append(line[:col])
+            for i in range(col, len(line), col - 2):
+                rows.append("↳ " + line[i:i + col - 2])
+        columns.append(rows)
+    depth = max(len(c) for c in columns)
+    return "\n".join(gap.join((c[i] if i < len(c) else "").ljust(col) for c in columns).rstrip()
+                     for i in range(depth))

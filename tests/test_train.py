@@ -9,7 +9,7 @@ import pytest
 
 import sample
 import train
-from minparcae import checkpoint, runtime
+from minparcae import checkpoint, cli, generate, runtime
 from runhelp import make_corpus, read_log, signal_during, train_args
 
 
@@ -29,6 +29,51 @@ def test_training_lowers_the_loss(corpus, tmp_path):
     assert abs(first - np.log(300)) < 0.3  # a fresh model predicts nearly uniformly
     assert val_loss < first - 1.0  # stated margin: at least 1 nat lower after 30 steps
     assert all(0 < r["rho"] < 1 for r in log)
+
+
+def test_a_run_ends_with_samples_at_one_loop_step_and_at_mu_rec_side_by_side(corpus, tmp_path,
+                                                                            capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "140")
+    train.main(args(corpus, tmp_path, "--steps", "10", "--sample-tokens", "12"))
+    out = capsys.readouterr().out
+    head, columns = out.split("samples (", 1)[1].split("\n", 1)
+    assert "the same random draws" in head
+    rows = columns.splitlines()
+    titles = [t.strip() for t in rows[0].split("│")]
+    assert titles[0].startswith("T = 1 (one pass): val loss ") and titles[1].startswith("T = 4 (μ_rec)")
+    losses = [float(t.rsplit(" ", 1)[1]) for t in titles]
+    assert losses[0] != losses[1]
+    # each column is what generate gives at its depth with the run's seed
+    loaded = checkpoint.load_model(tmp_path)
+    tok = loaded.tokenizer
+    for i, n in enumerate((1, 4)):
+        ids = generate.generate(loaded.params, loaded.cfg, [tok.encode(train.SAMPLE_PROMPT)], 12,
+                                n_loops=n, temperature=train.SAMPLE_TEMPERATURE,
+                                top_k=train.SAMPLE_TOP_K, rng=np.random.default_rng(0),
+                                stop_id=tok.eot_id)[0]
+        text = cli.side_by_side([tok.decode(tok.encode(train.SAMPLE_PROMPT) + ids)], ["x"], 70)
+        body = [r.split("│")[i].rstrip() if "│" in r else "" for r in rows[2:]]
+        assert "\n".join(text.splitlines()[2:]).rstrip() == "\n".join(
+            b[1:] if i else b for b in body).rstrip()
+
+
+def test_a_fixed_depth_run_ends_with_one_sample(corpus, tmp_path, capsys):
+    train.main(args(corpus, tmp_path, "--steps", "2", "--sample-tokens", "5", "--injection", "none"))
+    out = capsys.readouterr().out
+    assert "sample:\n" in out and "T = 1" not in out
+
+
+def test_side_by_side_columns():
+    text = cli.side_by_side(["def f(x):\n\treturn x\n" + "a" * 50, "b\x07"], ["left", "right"], 83)
+    rows = text.splitlines()
+    assert rows[0] == "left".ljust(40) + " │ right"
+    assert rows[1] == "─" * 40 + " │ " + "─" * 40
+    assert rows[3].startswith("    return x ")  # a tab is four spaces
+    assert rows[2].endswith("│ b?")  # unprintable characters are shown as ?
+    assert rows[4] == "a" * 40 + " │" and rows[5] == ("↳ " + "a" * 10).ljust(40) + " │"  # continued
+    assert all(len(r) <= 83 for r in rows)
+    narrow = cli.side_by_side(["x", "y"], ["L", "R"], 60)  # too narrow: one after the other
+    assert narrow == "L\nx\n\nR\ny"
 
 
 def crash_at(monkeypatch, n_calls, exc):
