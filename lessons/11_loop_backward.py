@@ -184,4 +184,163 @@ for k, err in fd.items():
     print(f"  {k:18s} {err:.1e}")
 assert max(fd.values()) < 1e-6
 
+# ---------------------------------------------------------------------------------------------
+# 4. What flows back along the state.
+#
+# Unrolled, the gradient that reaches the state j steps before the end is
+#     G_{T−j} = Ā ⊙ J_{T−j+1}ᵀ(Ā ⊙ J_{T−j+2}ᵀ( ... Ā ⊙ J_Tᵀ G_T))
+# where J_t = ∂R/∂x at x_t is the blocks' Jacobian. Each block is x + (what it adds), so J_t is the
+# identity plus something, and if the blocks add little, G_{T−j} ≈ Ā^j ⊙ G_T, which is at most
+# ρ(Ā)^j ‖G_T‖ in size (ρ(Ā) = max Ā). Step t's share c_t of the core gradient is made from G_t, so
+# it shrinks alike. The trace from loop_backward shows both, newest step first. Ā's entries differ
+# here (the noise moved A_log and dt_bias): the smaller ones die out first, and after a few steps
+# the largest, ρ(Ā), sets the pace.
+
+rho = diag["rho"]
+G_norm = np.array([np.linalg.norm(G) for G, _ in trace])
+share = np.array([np.sqrt(sum((g ** 2).sum() for g in g_step.values())) for _, g_step in trace])
+print("\n            ‖G_(T−j)‖ / ‖G_T‖   ρ(Ā)^j   one step back    ‖c_(T−j)‖")
+for j in range(T):
+    step_back = f"{G_norm[j] / G_norm[j - 1]:.3f}" if j else ""
+    print(f"   j = {j:2d}    {G_norm[j] / G_norm[0]:14.2e}  {rho ** j:7.1e}   {step_back:>13s}    "
+          f"{share[j]:.2e} " + "#" * int(40 * share[j] / share.max()))
+# Over the 11 steps back G shrank by a mean factor per step within 20% of ρ(Ā): a little less
+# damping than Ā alone gives, because each block passes its output's gradient straight through
+# its residual connection and adds its own Jacobian's part on top.
+per_step = (G_norm[-1] / G_norm[0]) ** (1 / (T - 1))
+A_bar = injection.diagonal_decay(p["inject.A_log"], p["inject.dt_bias"])[0]
+print(f"mean factor per step back {per_step:.3f}; Ā from {A_bar.min():.3f} to ρ(Ā) = {rho:.3f}")
+assert abs(per_step / rho - 1) < 0.2
+
+# Truncated backprop (μ_bwd = k) walks only the last k steps with the same G_T, so its core
+# gradient is the sum of the last k shares and nothing else. Check against model.backward run
+# with μ_bwd = k, and against the lesson's own per-step shares:
+for k in (1, 4):
+    _, cache_k, _ = model.forward(p, replace(cfg, backprop_depth=k), ids, targets, n_loops=T,
+                                  h0=h0, train=True)
+    ref_k = model.backward(p, cfg, cache_k)
+    partial = {name: sum(g_step[name] for _, g_step in trace[:k]) for name in trace[0][1]}
+    err = max(rel_error(partial[name], ref_k[name]) for name in partial)
+    print(f"μ_bwd = {k}: the last {k} shares summed vs model.backward, worst core tensor {err:.1e}")
+    assert err < 1e-10
+
+# ---------------------------------------------------------------------------------------------
+# 5. Why truncation works, and when it does not.
+#
+# The part truncation drops is the sum of the early shares. If every share were ρ^j times the
+# last one, dropping all but the last k would leave a relative error of about
+#     (ρ^k − ρ^T) / (1 − ρ^T)  ≈  ρ^k,
+# so the error should fall geometrically with k, and faster for a smaller ρ(Ā). Measure it: for
+# each injection, the core gradient g_k with μ_bwd = k against the full g_T, as
+#     err(k) = ‖g_k − g_T‖₂ / ‖g_T‖₂     over all core tensors together,
+# at T = 12. The rows share the block weights above; each injection keeps its own parameters at
+# their initial values (Ā = √(1/5) ≈ 0.447 in every coordinate for the diagonal kind), and three
+# more diagonal rows set Ā = ρ·I through dt_bias, Δ = −ln ρ at A_log = 0, to sweep ρ(Ā) over the
+# range the stability sweep of docs/RESULTS.md saw in training (0.47 to 0.96). The last row is
+# the linear kind after training has pushed its W_h out of the unit circle (W_h = I + noise, as in
+# lesson 8).
+
+blocks = {k: v for k, v in p.items() if not k.startswith("inject.")}
+
+
+def with_injection(kind, **inject):
+    c = replace(cfg, injection=kind)
+    q = model.init_params(c, seed=0, dtype=np.float64, xp=np)
+    q.update({k: v for k, v in blocks.items() if k in q})
+    q.update(inject)
+    return c, q
+
+
+def uniform_decay(r):
+    """dt_bias with Δ = −ln r, so that Ā = exp(−Δ) = r at A_log = 0."""
+    return {"inject.A_log": np.zeros(d), "inject.dt_bias": np.full(d, np.log(np.expm1(-np.log(r))))}
+
+
+c_lin, p_lin = with_injection("linear")
+W_out = p_lin["inject.W"].copy()
+W_out[:d] = np.eye(d) + 0.1 * rng.standard_normal((d, d))
+rows = {"diagonal ρ=0.2": with_injection("diagonal", **uniform_decay(0.2)),
+        "diagonal (init)": with_injection("diagonal"),
+        "diagonal ρ=0.7": with_injection("diagonal", **uniform_decay(0.7)),
+        "diagonal ρ=0.9": with_injection("diagonal", **uniform_decay(0.9)),
+        "add": with_injection("add"),
+        "linear (init)": (c_lin, p_lin),
+        "linear, W_h out": with_injection("linear", **{"inject.W": W_out})}
+K = (1, 2, 4, 8)
+
+
+def core_gradient(c, q, k):
+    _, cache_k, _ = model.forward(q, replace(c, backprop_depth=k), ids, targets, n_loops=T, h0=h0,
+                                  train=True)
+    g = model.backward(q, c, cache_k)
+    return np.concatenate([g[name].ravel() for name in g if name.startswith("core.")])
+
+
+def num(x):
+    return f"{x:.3f}" if x >= 1e-3 else f"{x:.0e}"
+
+
+table = {}
+print(f"\nerr(k) of the core gradient at T = {T}, with ρ^k in brackets")
+print(f"  {'injection':16s} {'ρ':>6s}" + "".join(f"{'k = ' + str(k):>17s}" for k in K))
+for name, (c, q) in rows.items():
+    r = injection.spectral_radius(c.injection, q)
+    g_T = core_gradient(c, q, T)
+    table[name] = r, np.array([np.linalg.norm(core_gradient(c, q, k) - g_T) for k in K]) / \
+        np.linalg.norm(g_T)
+    print(f"  {name:16s} {r:6.3f}" + "".join(f"{num(e):>9s} ({num(r ** k):>5s})"
+                                             for k, e in zip(K, table[name][1])))
+
+# The diagonal rows, in order of ρ: the error falls with k in every row, and at every k it grows
+# with ρ.
+rho_diag = np.array([table[n][0] for n in rows if n.startswith("diagonal")])    # (4,)
+err_diag = np.array([table[n][1] for n in rows if n.startswith("diagonal")])    # (4, len(K))
+assert np.all(np.diff(rho_diag) > 0)
+assert np.all(np.diff(err_diag, axis=1) < 0) and np.all(np.diff(err_diag, axis=0) > 0)
+# One step of truncation leaves out about the factor ρ: err(1)/ρ would be about 1 for blocks that
+# add nothing, and it is a little more here, where the blocks' Jacobians pass extra gradient back.
+ratio = err_diag[:, 0] / rho_diag
+print("err(1) / ρ for the diagonal rows:", " ".join(f"{x:.2f}" for x in ratio))
+assert np.all((0.9 < ratio) & (ratio < 1.5))
+# Ā = I (add): nothing damps the state path, every step's share is about the same size, and
+# keeping k of the T steps leaves about (T − k)/T of the gradient out.
+err_add = table["add"][1]
+print("add: err(k) vs (T − k)/T:", " ".join(f"{e:.2f}/{(T - k) / T:.2f}" for k, e in zip(K, err_add)))
+assert np.all(np.abs(err_add - (T - np.array(K)) / T) < 0.15)
+# ρ > 1: the gradient grows on its way back, the earliest steps dominate, and the last few hold
+# almost none of it.
+r_out, err_out = table["linear, W_h out"]
+assert r_out > 1 and np.all(err_out[:3] > 0.8)
+
+
+# The linear kind at initialisation has ρ(W_h) ≈ 0.59, yet its error falls much more slowly than
+# ρ^k. ρ governs the powers of a matrix only in the long run; one step can stretch a vector by up
+# to its largest singular value ‖·‖₂. A diagonal Ā has ‖Ā‖₂ = ρ(Ā), so the bound holds from the
+# first step back; the linear kind's W_h is a general matrix, and its ‖W_h‖₂ is over twice its ρ:
+W_h = p_lin["inject.W"][:d]
+print(f"linear (init): ρ(W_h) = {table['linear (init)'][0]:.3f}, ‖W_h‖₂ = "
+      f"{np.linalg.norm(W_h, 2):.3f}")
+assert np.linalg.norm(W_h, 2) > 2 * table["linear (init)"][0]
+
+# What this means for training. At the diagonal kind's initial Ā ≈ 0.447, μ_bwd = 4 (the paper's
+# choice, with μ_rec = 8) leaves out about an eighth of the core gradient (err(4) above); at
+# ρ = 0.9 the same μ_bwd leaves out most of it. Training moves Ā (docs/RESULTS.md saw ρ(Ā) from
+# 0.47 to 0.96, higher at higher learning rates), so how close the truncated gradient stays to
+# the full one depends on where training takes Ā; the diagonal parameterisation keeps ρ(Ā) below
+# 1, where the error falls with k. Once the linear kind's W_h leaves the unit circle, the last few
+# steps hold almost none of the gradient.
+err_init, err_slow = table["diagonal (init)"][1], table["diagonal ρ=0.9"][1]
+assert err_init[K.index(4)] < 0.2 and err_slow[K.index(4)] > 0.5
+
+# ---------------------------------------------------------------------------------------------
+# Exercises.
+#
+# 1. In loop_backward, replace `dh = A_bar * g` by `dh = g` (forget Ā on the state path). Which
+#    tensors does section 2 flag, and which stay exact? Does section 4's check at μ_bwd = 1 still
+#    pass, and why?
+# 2. Write the state path for the add and linear kinds (Ā = I; Ā = W_h, so G_{t−1} = G^x_t W_hᵀ
+#    and ∂ℓ/∂W_h = Σ_t h_{t−1}ᵀ G^x_t) and check them the same way against model.backward.
+# 3. Change the noise at the top from 0.1 to 0.3 (lesson 7's setting) and rerun. Which of the
+#    lesson's checks still hold? How far above ρ^k does err(k) move, and what does section 4's
+#    factor per step back say about the blocks' Jacobians then?
 print("lesson 11 passed")
