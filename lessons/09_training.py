@@ -13,9 +13,9 @@ text and watches the loss fall.
 import tempfile
 from dataclasses import replace
 
+from common import small_corpus, train  # first: it sets NumPy's BLAS to one thread
 import numpy as np
 
-from common import small_corpus, train
 from minparcae import data, model
 from minparcae.gradcheck import check_grads, rel_error
 

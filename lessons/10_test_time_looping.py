@@ -17,9 +17,9 @@ for that law, checks it on synthetic data, then trains two small models and meas
 import tempfile
 from dataclasses import replace
 
+from common import small_corpus, train  # first: it sets NumPy's BLAS to one thread
 import numpy as np
 
-from common import small_corpus, train
 from minparcae import data, model
 
 

@@ -7,6 +7,7 @@ lesson asserts its own numbers; it passes when it exits with status 0 and its la
 "lesson N passed". README.md must list every lesson with the command that runs it.
 """
 
+import ast
 import os
 import re
 import subprocess
@@ -33,6 +34,39 @@ def test_lessons_are_numbered_and_indexed():
     assert "python lessons/01_backend.py" in index
     listed = set(re.findall(r"\(([0-9]{2}_\w+\.py)\)", index))
     assert listed == {p.name for p in LESSONS}, "README.md lists a lesson that does not exist"
+
+
+BLAS_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def imported_modules(path):
+    """The top-level modules a file imports, in the order its import statements come."""
+    names = []
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            names += [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module.split(".")[0])
+    return names
+
+
+def test_lessons_that_train_get_one_blas_thread():
+    """lessons/common.py sets one BLAS thread (unless the user set a count) before NumPy loads its
+    BLAS: it must be imported before NumPy and minparcae, and then NumPy's OpenBLAS runs on one
+    thread even where the environment names none."""
+    users = [p for p in LESSONS if "common" in imported_modules(p)]
+    assert len(users) >= 2
+    for path in users:
+        names = imported_modules(path)
+        assert names.index("common") < min(names.index(m) for m in ("numpy", "minparcae")), \
+            f"{path.name} imports NumPy or minparcae before common: the thread count comes too late"
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_VARS}
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
+             "from minparcae import runtime; print(runtime.threads())")
+    result = subprocess.run([sys.executable, "-c", probe, str(LESSONS_DIR)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1"], result.stdout
 
 
 @pytest.mark.slow
