@@ -28,7 +28,7 @@ rng = np.random.default_rng(0)
 # position m and a key at position n is
 #     (R_m q)·(R_n k) = q · R_mᵀ R_n k = q · R_(n−m) k,
 # which depends on the positions only through their distance n − m. `rotary.tables` gives the cos
-# and sin of p·θ_i, `rotary.forward` rotates:
+# and sin of p·θ_i, and `rotary.forward` rotates, in `minparcae/ops/rotary.py`:
 #
 #     y[..., 0::2] = x1 * cos - x2 * sin
 #     y[..., 1::2] = x1 * sin + x2 * cos
@@ -141,7 +141,7 @@ assert S_normed <= hs**0.5 and S_raw > 1000
 #
 # The softmax line comes from its Jacobian. For one row p = softmax(s), ∂p_i/∂s_j = p_i(δ_ij − p_j),
 # i.e. J = diag(p) − p pᵀ, and J dp = p ⊙ dp − p (p·dp) = p ⊙ (dp − p·dp). Masked entries have
-# p = 0, so they receive no gradient. `attention.backward`:
+# p = 0, so they receive no gradient. `attention.backward` in `minparcae/ops/attention.py`:
 #
 #     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
 #

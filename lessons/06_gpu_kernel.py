@@ -63,7 +63,8 @@ def rel_err(got, want):
 # 2. A row kernel: RMSNorm, a block per row.
 #
 # RMSNorm (lesson 4) normalises each row on its own:  r = 1/√(mean_j x_j² + eps),  y = x r ⊙ w.
-# The natural mapping is a block per row and threads along the row. `_rmsnorm_forward` does:
+# The natural mapping is a block per row and threads along the row. `_rmsnorm_forward` does, in
+# outline (the kernel also adds a residual first, when it is given one):
 #
 #     for i in range(cuda.blockIdx.x, N, cuda.gridDim.x):   # this block's rows (grid-stride)
 #         ss = sum of x[i, j]² over j = t, t + nt, t + 2nt, ...   # each thread, a strided slice

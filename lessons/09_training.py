@@ -130,8 +130,8 @@ assert S > cfg.backprop_depth and nbytes["full"] > nbytes["truncated"]
 #
 # Data: a few modules of Python's standard library, tokenised by a byte-level BPE of 384 ids
 # trained on them (`data.prepare_data`, cached in a temporary folder). Model: width 32, context
-# 32, one block each for prelude, loop and coda, μ_rec = 4, μ_bwd = 2. Each step of
-# `common.train` is:
+# 32, one block each for prelude, loop and coda, μ_rec = 4, μ_bwd = 2. Each step of `train` in
+# `lessons/common.py`:
 #
 #     x, y = data.get_batch(dataset.train, batch_size, cfg.context, rng)      # (B, T) each
 #     depths = model.sample_depths(rng, batch_size, cfg)                       # section 1

@@ -69,6 +69,62 @@ def test_lessons_that_train_get_one_blas_thread():
     assert result.stdout.split() == ["1"], result.stdout
 
 
+REPO = LESSONS_DIR.parent
+QUOTE_PREFIX = "#     "  # a comment's "# " and four spaces of indentation
+PATH_IN_BACKTICKS = re.compile(r"`([\w./-]+\.py)`")
+
+
+def code_part(line):
+    """A line without its indentation and its trailing comment (two spaces or more, then #)."""
+    return re.split(r"\s{2,}#", line.strip())[0].rstrip()
+
+
+def quotes(path):
+    """(line number, quoted file, quoted code) for every line a lesson quotes from a file."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found = []
+    for i in range(1, len(lines) - 1):
+        intro = lines[i - 1].rstrip()
+        named = PATH_IN_BACKTICKS.findall(intro)
+        if lines[i].rstrip() != "#" or not intro.endswith(":") or not named:
+            continue
+        j = i + 1
+        while j < len(lines) and lines[j].startswith(QUOTE_PREFIX):
+            found.append((j + 1, named[-1], code_part(lines[j][len(QUOTE_PREFIX):])))
+            j += 1
+    return found
+
+
+def test_quoted_code_is_still_in_the_file_it_names():
+    """Code that a lesson quotes must still be there, so a lesson never shows lines the library no
+    longer runs. The convention for a quote, in every lesson:
+
+        # ... a sentence that ends with the quoted file, backticked, as a path from the repository
+        # root, and a colon: `minparcae/ops/linear.py`:
+        #
+        #     return {"x": rows_matmul(dout, w.T), "w": rows_t_matmul(x, dout)}
+        #     grads["x"] = r * (dout - xhat)         # a trailing comment: the lesson's own note
+
+    that is: a comment line that ends with ":" and names a backticked `.py` path (the last one on
+    the line is the file), a bare "#" line, then the quoted lines, each "#" followed by five spaces
+    and the code with its own indentation. Every quoted line, without its indentation and without
+    a trailing comment (two or more spaces, then "#"), must equal a line of that file, compared the
+    same way. Equations and outlines are indented the same way but introduced without a backticked
+    path, and are not quotes."""
+    checked = 0
+    for lesson in sorted(LESSONS_DIR.glob("*.py")):
+        sources = {}
+        for line_no, name, code in quotes(lesson):
+            source = REPO / name
+            assert source.is_file(), f"{lesson.name}:{line_no} quotes {name}, which does not exist"
+            if name not in sources:
+                sources[name] = {code_part(line) for line in source.read_text("utf-8").splitlines()}
+            assert code and code in sources[name], \
+                f"{lesson.name}:{line_no} quotes a line that {name} no longer has: {code}"
+            checked += 1
+    assert checked >= 25  # the lessons quote about thirty lines: a parse that finds none is wrong
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
 def test_lesson_runs_and_passes_its_checks(path, tmp_path):
