@@ -45,7 +45,8 @@ assert y.shape == (5, 4) and np.allclose(y, x @ W)
 #         return {"x": rows_matmul(dout, w.T), "w": rows_t_matmul(x, dout)}
 #
 # where rows_matmul(t, w) is t W and rows_t_matmul(x, g) is xᵀ g, once all leading axes are
-# flattened into rows: x may be (B, T, n_in), and dW then sums over every position of every row.
+# flattened into rows: x may be (B, S, n_in), B sequences of S positions, and dW then sums over
+# all B·S of them.
 #
 # To test it we need a scalar loss. Any will do; a projection onto a fixed random R,
 #     L = Σ_ij y_ij R_ij,

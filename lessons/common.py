@@ -56,7 +56,7 @@ def train(cfg, dataset, steps, lr, batch_size=16, seed=0, log_every=None, desc="
     losses = []
     bar = tqdm(range(steps), desc=desc, unit="step", leave=False, disable=None)
     for step in bar:
-        x, y = data.get_batch(dataset.train, batch_size, cfg.context, rng)      # (B, T) each
+        x, y = data.get_batch(dataset.train, batch_size, cfg.context, rng)      # (B, S) each
         depths = model.sample_depths(rng, batch_size, cfg)                       # (B,)
         loss, cache, diag = model.forward(params, cfg, x, y, depths=depths, rng=rng, train=True)
         grads = model.backward(params, cfg, cache)
