@@ -18,7 +18,7 @@ import pytest
 
 LESSONS_DIR = Path(__file__).resolve().parent.parent / "lessons"
 LESSONS = sorted(LESSONS_DIR.glob("[0-9][0-9]_*.py"))
-TIMEOUT_S = 300  # per lesson; all of them together take about 15 s on a 2-core machine
+TIMEOUT_S = 300  # per lesson; all of them together take about a minute on a 2-core machine
 
 
 def lesson_number(path):
@@ -128,8 +128,8 @@ def test_quoted_code_is_still_in_the_file_it_names():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
 def test_lesson_runs_and_passes_its_checks(path, tmp_path):
-    # One BLAS thread: the lessons' matrices are tiny, and on a busy 2-core machine OpenBLAS's
-    # waiting threads made lesson 10 five times slower (43 s instead of 8 s) for no gain.
+    # One BLAS thread for every lesson, as common.py gives lessons 9 and 10: the lessons' matrices
+    # are tiny, and on a busy 2-core machine OpenBLAS's waiting threads only slow them down.
     env = {**os.environ, "MINPARCAE_DEVICE": "cpu", "PYTHONDONTWRITEBYTECODE": "1",
            "OPENBLAS_NUM_THREADS": "1"}
     before = sorted(p.name for p in LESSONS_DIR.iterdir())
