@@ -4,14 +4,16 @@
 
 Lesson 7 ran h_t = R(Ā h_{t−1} + B̄ e) for a handful of steps. Nothing in that formula stops h from
 growing without bound as T grows, and a state that grows from step to step makes training
-fragile: activations and gradients change scale with the depth, and loss spikes follow. Parcae's
-answer is to read the loop as a dynamical system
+fragile: activations and gradients change scale with the depth (the paper reports loss spikes and
+divergence; section 4 says what minparcae's own sweep saw). Parcae's answer is to read the loop as
+a dynamical system
 
     h_{t+1} = Ā h_t + B̄ e + R̄(h_t, e)
 
 (R̄ is what the blocks add on top of their input) and to make its linear part stable by
 construction. This lesson iterates the linear part alone, then the whole model, for the three ways
-of injecting e that minparcae implements (ops/injection.py):
+of injecting e that minparcae implements (ops/injection.py), derives the diagonal kind's Ā and B̄,
+and ends with what training each kind measured:
 
     diagonal (Parcae)   Ā = exp(Δ·A), A = −exp(A_log), Δ = softplus(dt_bias);  B̄ = Δ·B (section 3)
     add                 Ā = I, B̄ = I:  h + e
