@@ -32,8 +32,8 @@ assert xp.__name__ == ("numpy" if backend.device() == "cpu" else "cupy")
 # 2. Ops never choose a device: they ask their input.
 #
 # Every op begins with `xp = array_module(x)`, the module that owns its input. Here is softplus,
-# which Parcae uses for its step size Δ = softplus(dt_bias) (lesson 8), as ops/injection.py
-# writes it:
+# which Parcae uses for its step size Δ = softplus(dt_bias) (lesson 8), as written in
+# `minparcae/ops/injection.py`:
 #
 #     def softplus(x):
 #         xp = array_module(x)

@@ -38,12 +38,15 @@ assert y.shape == (5, 4) and np.allclose(y, x @ W)
 #
 # A shortcut to remember them: a gradient has the shape of the thing it is the gradient of, and
 # there is only one way to multiply G (N, n_out) with W (n_in, n_out) into (N, n_in), and one way
-# to multiply x with G into (n_in, n_out). ops/linear.py:
+# to multiply x with G into (n_in, n_out). `minparcae/ops/linear.py`:
 #
-#     dx = dout @ w.T
-#     dw = x.reshape(-1, x.shape[-1]).T @ dout.reshape(-1, dout.shape[-1])
+#     def backward(dout, cache):
+#         x, w = cache
+#         return {"x": rows_matmul(dout, w.T), "w": rows_t_matmul(x, dout)}
 #
-# (the reshape lets x carry any leading axes, e.g. (B, T, n_in), and sums over all of them).
+# where rows_matmul(t, w) is t W and rows_t_matmul(x, g) is xᵀ g, once all leading axes are
+# flattened into rows: x may be (B, S, n_in), B sequences of S positions, and dW then sums over
+# all B·S of them.
 #
 # To test it we need a scalar loss. Any will do; a projection onto a fixed random R,
 #     L = Σ_ij y_ij R_ij,
@@ -92,10 +95,12 @@ assert err_wrong > 0.1 and err_right < 1e-9
 #     u = x W_fc,   a = relu(u),   g = ½ a²,   y = g W_proj
 #
 # Its backward is the chain rule read bottom up, each linear layer handled by the pair above. The
-# only new factor is d(½ relu(u)²)/du = relu(u) = a, which the forward already computed:
+# only new factor is d(½ relu(u)²)/du = relu(u) = a, which the forward already computed and kept
+# in its cache. The backward in `minparcae/ops/mlp.py`:
 #
-#     g_proj = linear.backward(dout, proj_cache)            # dL/dg and dL/dW_proj
-#     g_fc   = linear.backward(g_proj["x"] * a, fc_cache)   # dL/du = dL/dg ⊙ a
+#     g_proj = linear.backward(dout, cache.proj)    # dL/dg and dL/dW_proj
+#     du = g_proj["x"] * cache.a                    # dL/du = dL/dg ⊙ a
+#     g_fc = linear.backward(du, cache.fc)          # dL/dx and dL/dW_fc
 #
 # `gradcheck.check_op` runs the whole recipe for any op: it projects the output onto a random R,
 # calls the backward with dout = R, and compares every returned gradient with central differences.

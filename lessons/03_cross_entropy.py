@@ -42,14 +42,16 @@ assert abs(float(loss) - np.log(V)) < 1e-12
 #     ∂ℓ/∂z_v = p_v − [v = y],        i.e.   ∂ℓ/∂z = softmax(z) − onehot(y).
 #
 # No exponential or log survives: the gradient is "predicted minus actual". The forward computes
-# both at once, since both need the same exponentials (`softmax_xent` in the op):
+# both at once, since both need the same exponentials (`softmax_xent` in
+# `minparcae/ops/cross_entropy.py`):
 #
 #     m = z.max(axis=-1, keepdims=True)
 #     e = xp.exp(z - m)
-#     lse = (xp.log(sum_e) + m)[:, 0]          # logsumexp, per row
-#     grad = e / sum_e                          # softmax
-#     grad[rows, targets] -= 1.0                # minus the one-hot
-#     grad *= valid / n_valid                   # the mean over N rows
+#     sum_e = e.sum(axis=-1, keepdims=True)
+#     lse = (xp.log(sum_e) + m)[:, 0]                       # logsumexp, per row
+#     grad = e / sum_e                                      # softmax
+#     grad[rows, targets] -= 1.0                            # minus the one-hot
+#     grad *= (valid / n_valid).astype(z.dtype)[:, None]    # the mean over the N rows (section 4)
 
 z = rng.standard_normal((N, V)) * 3
 y = rng.integers(0, V, N)

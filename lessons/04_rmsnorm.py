@@ -21,7 +21,7 @@ rng = np.random.default_rng(0)
 #
 # For one token's vector x ∈ R^n:
 #     r = 1 / √(mean_j x_j² + eps),     x̂ = x r,     y = x̂ ⊙ w
-# with a learned gain w (initialised to ones) and eps = 1e-5. ops/rmsnorm.py:
+# with a learned gain w (initialised to ones) and eps = 1e-5. `minparcae/ops/rmsnorm.py`:
 #
 #     r = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
 #     xhat = x * r
@@ -49,7 +49,7 @@ assert np.allclose(rmsnorm.forward(5.0 * x, eps=0.0)[0], rmsnorm.forward(x, eps=
 #     J = ∂x̂/∂x = r (I − x̂ x̂ᵀ / n),
 # a symmetric matrix. Given G = ∂L/∂y, first ĝ = G ⊙ w (the gain), then dL/dx = Jᵀ ĝ = J ĝ:
 #     dL/dx = r (ĝ − x̂ · mean_j(ĝ_j x̂_j)),      dL/dw = Σ_rows G ⊙ x̂.
-# Note what the backward needs: only x̂ and r, which the forward cached. The op's lines:
+# Note what the backward needs: only x̂ and r, which the forward cached. `minparcae/ops/rmsnorm.py`:
 #
 #     grads["weight"] = (dout * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0)
 #     dout = dout * weight

@@ -28,13 +28,13 @@ rng = np.random.default_rng(0)
 # position m and a key at position n is
 #     (R_m q)·(R_n k) = q · R_mᵀ R_n k = q · R_(n−m) k,
 # which depends on the positions only through their distance n − m. `rotary.tables` gives the cos
-# and sin of p·θ_i, `rotary.forward` rotates:
+# and sin of p·θ_i, and `rotary.forward` rotates, in `minparcae/ops/rotary.py`:
 #
 #     y[..., 0::2] = x1 * cos - x2 * sin
 #     y[..., 1::2] = x1 * sin + x2 * cos
 
 hs = 8
-q = rng.standard_normal((1, 1, 1, hs))   # (B, H, T, hs) with B = H = T = 1
+q = rng.standard_normal((1, 1, 1, hs))   # (B, H, S, hs) with B = H = S = 1
 k = rng.standard_normal((1, 1, 1, hs))
 
 
@@ -59,25 +59,25 @@ assert np.abs(back - x).max() < 1e-15
 # ---------------------------------------------------------------------------------------------
 # 2. The forward, piece by piece.
 #
-# For input x (B, T, d) and H heads of size hs = d/H:
-#     q = x W_q,  k = x W_k,  v = x W_v                      split into heads: (B, H, T, hs)
+# For input x (B, S, d), S positions of d features, and H heads of size hs = d/H:
+#     q = x W_q,  k = x W_k,  v = x W_v                      split into heads: (B, H, S, hs)
 #     q ← N(RoPE(q)),  k ← N(RoPE(k))                       N = RMSNorm without gain (QK-norm)
 #                                                           with ε the dtype's machine epsilon
-#     S = q kᵀ / √hs,   S_ij = −∞ for j > i                  (B, H, T, T), causal
-#     P = softmax(S) over j,   Y = P v                      (B, H, T, hs)
-#     y = concat_heads(Y) W_o                               (B, T, d)
+#     s = q kᵀ / √hs,   s_ij = −∞ for j > i                  (B, H, S, S), causal
+#     P = softmax(s) over j,   Y = P v                      (B, H, S, hs)
+#     y = concat_heads(Y) W_o                               (B, S, d)
 # Below, the same lines written out with the library's pieces, then compared with the layer.
 
-B, T, H, d = 2, 6, 2, 16
+B, S, H, d = 2, 6, 2, 16
 hs = d // H
-x = rng.standard_normal((B, T, d))
+x = rng.standard_normal((B, S, d))
 wq, wk, wv, wo = (rng.standard_normal((d, d)) / d**0.5 for _ in range(4))
-cos, sin = rotary.tables(T, hs, dtype=np.float64)
+cos, sin = rotary.tables(S, hs, dtype=np.float64)
 
 
 def heads(t):
-    """(B, T, H·hs) -> (B, H, T, hs)"""
-    return t.reshape(B, T, H, hs).transpose(0, 2, 1, 3)
+    """(B, S, H·hs) -> (B, H, S, hs)"""
+    return t.reshape(B, S, H, hs).transpose(0, 2, 1, 3)
 
 
 def layer(x, wq, wk, wv, wo, cos, sin, n_head, n_kv_head, ve=None, w_gate=None):
@@ -94,8 +94,8 @@ qh = rmsnorm.forward(rotary.forward(heads(x @ wq), cos, sin)[0], None, eps)[0]
 kh = rmsnorm.forward(rotary.forward(heads(x @ wk), cos, sin)[0], None, eps)[0]
 vh = heads(x @ wv)
 Yh, core_cache = attention.forward(qh, kh, vh, 1 / hs**0.5)
-P = core_cache.p.reshape(B, H, T, T)  # the core groups query heads under their key/value head
-y_pieces = Yh.transpose(0, 2, 1, 3).reshape(B, T, d) @ wo
+P = core_cache.p.reshape(B, H, S, S)  # the core groups query heads under their key/value head
+y_pieces = Yh.transpose(0, 2, 1, 3).reshape(B, S, d) @ wo
 y_op, _ = layer(x, wq, wk, wv, wo, cos, sin, n_head=H, n_kv_head=H)
 print(f"pieces vs model.attention_forward: max |difference| {np.abs(y_pieces - y_op).max():.1e}")
 assert np.abs(y_pieces - y_op).max() < 1e-14
@@ -105,7 +105,7 @@ assert np.abs(y_pieces - y_op).max() < 1e-14
 # three outputs bit for bit unchanged.
 assert np.all(np.triu(P, 1) == 0) and np.allclose(P.sum(axis=-1), 1)
 x_changed = x.copy()
-x_changed[:, 3:] = rng.standard_normal((B, T - 3, d))
+x_changed[:, 3:] = rng.standard_normal((B, S - 3, d))
 y_changed, _ = layer(x_changed, wq, wk, wv, wo, cos, sin, n_head=H, n_kv_head=H)
 assert np.array_equal(y_changed[:, :3], y_op[:, :3])
 assert not np.allclose(y_changed[:, 3:], y_op[:, 3:])
@@ -114,20 +114,20 @@ assert not np.allclose(y_changed[:, 3:], y_op[:, 3:])
 # 3. QK-norm keeps the scores bounded.
 #
 # After the gainless RMSNorm, ‖q‖ = ‖k‖ = √hs (up to eps), so by Cauchy–Schwarz
-#     |S_ij| = |q·k| / √hs ≤ ‖q‖‖k‖ / √hs = √hs,
+#     |s_ij| = |q·k| / √hs ≤ ‖q‖‖k‖ / √hs = √hs,
 # however large the weights grow. Without it, scores scale with the square of the weights and the
 # softmax can collapse onto one key, where its gradient vanishes. Scale all weights by 100:
 
 big = [100 * w for w in (wq, wk)]
 qb = rmsnorm.forward(rotary.forward(heads(x @ big[0]), cos, sin)[0], None, eps)[0]
 kb = rmsnorm.forward(rotary.forward(heads(x @ big[1]), cos, sin)[0], None, eps)[0]
-S_normed = np.abs(qb @ kb.transpose(0, 1, 3, 2)).max() / hs**0.5
+s_normed = np.abs(qb @ kb.transpose(0, 1, 3, 2)).max() / hs**0.5
 qr = rotary.forward(heads(x @ big[0]), cos, sin)[0]
 kr = rotary.forward(heads(x @ big[1]), cos, sin)[0]
-S_raw = np.abs(qr @ kr.transpose(0, 1, 3, 2)).max() / hs**0.5
-print(f"weights ×100: max |S| with QK-norm {S_normed:.2f} (bound √hs = {hs**0.5:.2f}), "
-      f"without {S_raw:.0f}")
-assert S_normed <= hs**0.5 and S_raw > 1000
+s_raw = np.abs(qr @ kr.transpose(0, 1, 3, 2)).max() / hs**0.5
+print(f"weights ×100: max |s| with QK-norm {s_normed:.2f} (bound √hs = {hs**0.5:.2f}), "
+      f"without {s_raw:.0f}")
+assert s_normed <= hs**0.5 and s_raw > 1000
 
 # ---------------------------------------------------------------------------------------------
 # 4. The backward.
@@ -135,19 +135,19 @@ assert S_normed <= hs**0.5 and S_raw > 1000
 # Bottom up, with G = ∂L/∂y, each line is the chain rule through one line of the forward:
 #     dY = G W_oᵀ (split into heads),   dW_o = concat(Y)ᵀ G                 (lesson 2)
 #     dP = dY vᵀ,   dv = Pᵀ dY                                              (Y = P v is linear)
-#     dS = P ⊙ (dP − rowsum(dP ⊙ P))                                        softmax
-#     dq = dS k / √hs,   dk = dSᵀ q / √hs                                   (S = q kᵀ/√hs)
+#     ds = P ⊙ (dP − rowsum(dP ⊙ P))                                        softmax
+#     dq = ds k / √hs,   dk = dsᵀ q / √hs                                   (s = q kᵀ/√hs)
 #     then back through N (lesson 4) and RoPE (rotate by −pθ), and dx = dq W_qᵀ + dk W_kᵀ + dv W_vᵀ.
 #
 # The softmax line comes from its Jacobian. For one row p = softmax(s), ∂p_i/∂s_j = p_i(δ_ij − p_j),
 # i.e. J = diag(p) − p pᵀ, and J dp = p ⊙ dp − p (p·dp) = p ⊙ (dp − p·dp). Masked entries have
-# p = 0, so they receive no gradient. `attention.backward`:
+# p = 0, so they receive no gradient. `attention.backward` in `minparcae/ops/attention.py`:
 #
 #     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
 #
 # Check the softmax line alone against the explicit Jacobian of one row:
-p_row = P[0, 0, -1]                              # the last position sees all T keys
-dp_row = rng.standard_normal(T)
+p_row = P[0, 0, -1]                              # the last position sees all S keys
+dp_row = rng.standard_normal(S)
 J = np.diag(p_row) - np.outer(p_row, p_row)
 ds_row = p_row * (dp_row - (dp_row * p_row).sum())
 assert np.abs(J @ dp_row - ds_row).max() < 1e-15
@@ -176,13 +176,13 @@ def layer_backward(dout, state):
 
 d, H, H_kv = 16, 4, 2
 hs = d // H
-cos, sin = rotary.tables(T, hs, dtype=np.float64)
-inputs = {"x": rng.standard_normal((B, T, d)),
+cos, sin = rotary.tables(S, hs, dtype=np.float64)
+inputs = {"x": rng.standard_normal((B, S, d)),
           "wq": rng.standard_normal((d, d)) / d**0.5,
           "wk": rng.standard_normal((d, H_kv * hs)) / d**0.5,
           "wv": rng.standard_normal((d, H_kv * hs)) / d**0.5,
           "wo": rng.standard_normal((d, d)) / d**0.5,
-          "ve": rng.standard_normal((B, T, H_kv * hs)),
+          "ve": rng.standard_normal((B, S, H_kv * hs)),
           "w_gate": rng.standard_normal((8, H_kv))}
 worst, errors = check_op(layer, layer_backward, inputs, cos=cos, sin=sin, n_head=H, n_kv_head=H_kv)
 print("model.attention_forward/backward:", {k: f"{v:.1e}" for k, v in errors.items()})

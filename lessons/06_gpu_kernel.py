@@ -63,7 +63,8 @@ def rel_err(got, want):
 # 2. A row kernel: RMSNorm, a block per row.
 #
 # RMSNorm (lesson 4) normalises each row on its own:  r = 1/√(mean_j x_j² + eps),  y = x r ⊙ w.
-# The natural mapping is a block per row and threads along the row. `_rmsnorm_forward` does:
+# The natural mapping is a block per row and threads along the row. `_rmsnorm_forward` does, in
+# outline (the kernel also adds a residual first, when it is given one):
 #
 #     for i in range(cuda.blockIdx.x, N, cuda.gridDim.x):   # this block's rows (grid-stride)
 #         ss = sum of x[i, j]² over j = t, t + nt, t + 2nt, ...   # each thread, a strided slice
@@ -94,7 +95,7 @@ assert rel_err(y_kernel, y_ref) < 1e-5 and rel_err(r_kernel, r_ref) < 1e-5
 # 3. The online softmax.
 #
 # Attention needs, for each query row, softmax over the scores s_j of all keys. Done naively, that
-# takes the whole row of T scores at once (and the (T, T) matrix for all rows), which does not fit
+# takes the whole row of S scores at once (and the (S, S) matrix for all rows), which does not fit
 # in shared memory for long sequences. The online softmax reads the scores one tile at a time and
 # keeps only two numbers per row: the running maximum m and the running sum l = Σ_j e^(s_j − m).
 # When a new score s arrives (or a tile's largest score), the maximum may grow to m' = max(m, s),
@@ -144,36 +145,36 @@ assert np.abs(o / l - exact @ v_row).max() < 1e-14
 #
 # The flash kernel (`_flash_kernels(...)[0]`, "forward") gives a tile of BQ queries to a block and
 # walks the key tiles of BK keys: load the K and V tile into shared memory, compute the BQ × BK
-# scores, update each row's m, l and output with the online softmax above, move on. The (T, T)
+# scores, update each row's m, l and output with the online softmax above, move on. The (S, S)
 # matrix never exists; each thread (c, r) serves query row r with TPR − 1 mates that split the
 # keys and the output columns. Key tiles wholly in a query tile's future are skipped (causality).
-# Tiles are (BQ, BK, TPR); with (4, 2, 2) and T = 7 there are 2 query tiles and up to 4 key tiles.
+# Tiles are (BQ, BK, TPR); with (4, 2, 2) and S = 7 there are 2 query tiles and up to 4 key tiles.
 
-B, H, T, hs = 1, 2, 7, 4
-q, k, v, dy = (rng.standard_normal((B, H, T, hs)).astype(np.float32) for _ in range(4))
+B, H, S, hs = 1, 2, 7, 4
+q, k, v, dy = (rng.standard_normal((B, H, S, hs)).astype(np.float32) for _ in range(4))
 scale = hs ** -0.5
 y_ref, cache_ref = attention.forward(q, k, v, scale)
 
 y_simple, _ = K.attention_forward_simple(q, k, v, scale)
 tiles = (4, 2, 2)
 y_flash, cache_flash = K.attention_forward(q, k, v, scale, tiles=tiles)
-print(f"attention, T = {T}, tiles (BQ, BK, TPR) = {tiles}: relative error "
+print(f"attention, S = {S}, tiles (BQ, BK, TPR) = {tiles}: relative error "
       f"simple {rel_err(y_simple, y_ref):.1e}, flash {rel_err(y_flash, y_ref):.1e}")
 assert rel_err(y_simple, y_ref) < 1e-5 and rel_err(y_flash, y_ref) < 1e-5
 
-# The cache holds lse (B·H, T) instead of P (B, H, T, T); it rebuilds P exactly:
-lse = cache_flash[4].reshape(B, H, T, 1)
-s_ref = np.where(np.triu(np.ones((T, T), bool), 1), -np.inf, (q @ k.transpose(0, 1, 3, 2)) * scale)
-assert np.abs(np.exp(s_ref - lse) - cache_ref.p.reshape(B, H, T, T)).max() < 1e-5
+# The cache holds lse (B·H, S) instead of P (B, H, S, S); it rebuilds P exactly:
+lse = cache_flash[4].reshape(B, H, S, 1)
+s_ref = np.where(np.triu(np.ones((S, S), bool), 1), -np.inf, (q @ k.transpose(0, 1, 3, 2)) * scale)
+assert np.abs(np.exp(s_ref - lse) - cache_ref.p.reshape(B, H, S, S)).max() < 1e-5
 
 # ---------------------------------------------------------------------------------------------
 # 5. The flash backward.
 #
 # With P_ij = e^(s_ij − lse_i) recomputed from the cache and Δ_i = Σ_d dy_id y_id, the softmax
-# backward of lesson 5, dS = P ⊙ (dP − rowsum(dP ⊙ P)), becomes dS_ij = P_ij (dy_i·v_j − Δ_i),
+# backward of lesson 5, ds = P ⊙ (dP − rowsum(dP ⊙ P)), becomes ds_ij = P_ij (dy_i·v_j − Δ_i),
 # since rowsum(dP ⊙ P)_i = Σ_j P_ij dy_i·v_j = dy_i·y_i = Δ_i. Then
-#     dq_i = scale Σ_j dS_ij k_j          (`backward_dq`, a block per query tile)
-#     dv_j = Σ_i P_ij dy_i,  dk_j = scale Σ_i dS_ij q_i     (`backward_dkv`, a block per key tile)
+#     dq_i = scale Σ_j ds_ij k_j          (`backward_dq`, a block per query tile)
+#     dv_j = Σ_i P_ij dy_i,  dk_j = scale Σ_i ds_ij q_i     (`backward_dkv`, a block per key tile)
 # Two kernels instead of one: each output row is written by a single block, so no atomic adds
 # are needed and the result does not depend on the order blocks run in.
 

@@ -48,19 +48,19 @@ assert [spec.name for spec in model.layers(cfg)] == ["prelude.0", "core.0", "cor
 
 p = {k: v + 0.3 * rng.standard_normal(v.shape)
      for k, v in model.init_params(cfg, seed=0, dtype=np.float64, xp=np).items()}
-B, T_seq, T = 2, 12, 5                       # batch, sequence length, loop steps
-ids = rng.integers(0, cfg.vocab_size, (B, T_seq))
-h0 = model.initial_state(cfg, (B, T_seq, cfg.d_h), "seeded", dtype=np.float64)
+B, S, T = 2, 12, 5                           # batch, sequence length, loop steps
+ids = rng.integers(0, cfg.vocab_size, (B, S))
+h0 = model.initial_state(cfg, (B, S, cfg.d_h), "seeded", dtype=np.float64)
 # rotary cos/sin tables (lesson 5), by head size; every block here has heads of size d / n_head
 hs = cfg.d_model // cfg.n_head
-rope = {hs: rotary.tables(T_seq, hs, cfg.rope_base, dtype=np.float64)}
+rope = {hs: rotary.tables(S, hs, cfg.rope_base, dtype=np.float64)}
 
 # Each attention layer makes q, k and v in one product with [W_q W_k W_v] side by side;
 # model.forward lays those out once per forward (`with_fused_qkv`), and so does this lesson.
 pf = model.with_fused_qkv(p, cfg)
 
 # Prelude: embed, run the prelude blocks once, normalise. e is fixed for the whole loop.
-x, _ = embedding.forward(ids, p["wte"])                                  # (B, T_seq, d)
+x, _ = embedding.forward(ids, p["wte"])                                  # (B, S, d)
 for i in range(cfg.n_prelude):
     x, _ = model.block_forward(pf, f"prelude.{i}", x, rope, cfg, REFERENCE)
 e, _ = rmsnorm.forward(x, p["prelude_norm"])
@@ -82,7 +82,7 @@ x = h @ p["C"]
 for i in range(cfg.n_coda):
     x, _ = model.block_forward(pf, f"coda.{i}", x, rope, cfg, REFERENCE)
 x, _ = rmsnorm.forward(x, p["final_norm"])
-logits_by_hand = x @ p["wte"].T                                          # (B, T_seq, V)
+logits_by_hand = x @ p["wte"].T                                          # (B, S, V)
 
 logits, _, diag = model.forward(p, cfg, ids, n_loops=T, h0=h0)
 print(f"by hand vs model.forward at T = {T}: max |difference| "
@@ -148,7 +148,7 @@ print(f"one loop step: {forward_step / 1e6:.2f} MFLOP/token forward, {backward_s
 # are excluded: they are not activations).
 
 p32 = model.init_params(cfg, seed=0, dtype=np.float32, xp=np)
-targets = rng.integers(0, cfg.vocab_size, (B, T_seq))
+targets = rng.integers(0, cfg.vocab_size, (B, S))
 
 
 def activation_bytes(c, n_loops):

@@ -13,9 +13,9 @@ text and watches the loss fall.
 import tempfile
 from dataclasses import replace
 
+from common import small_corpus, train  # first: it sets NumPy's BLAS to one thread
 import numpy as np
 
-from common import small_corpus, train
 from minparcae import data, model
 from minparcae.gradcheck import check_grads, rel_error
 
@@ -46,11 +46,11 @@ print(f"mean depth {depths.mean():.3f} (μ_rec + e^−μ_rec = {mu + np.exp(-mu)
 assert abs(depths.mean() - (mu + np.exp(-mu))) < 0.02
 assert k.max() == cfg.backprop_depth and np.all(depths - k >= 0)
 
-# A batch mixes depths. `model.forward(..., depths=...)` runs S = max(total) steps and right-aligns
-# the sequences: sequence b joins at step S − total_b and keeps its initial state until then, so
-# every sequence computes exactly its own recurrence, and the steps with gradient of all sequences
-# fall in the batch's last μ_bwd steps. Check: a batch with depths (2, 5) gives the same loss as the
-# two sequences run alone, each at its own depth.
+# A batch mixes depths. `model.forward(..., depths=...)` runs T = max(total) loop steps and
+# right-aligns the sequences: sequence b joins at step T − total_b and keeps its initial state
+# until then, so every sequence computes exactly its own recurrence, and the steps with gradient
+# of all sequences fall in the batch's last μ_bwd steps. Check: a batch with depths (2, 5) gives
+# the same loss as the two sequences run alone, each at its own depth.
 p = {key: v + 0.3 * rng.standard_normal(v.shape)          # noise, so that no block is the identity
      for key, v in model.init_params(cfg, seed=0, dtype=np.float64, xp=np).items()}
 ids = rng.integers(0, cfg.vocab_size, (2, 10))
@@ -115,25 +115,25 @@ ids16 = rng.integers(0, cfg.vocab_size, (16, 16))
 targets16 = rng.integers(0, cfg.vocab_size, (16, 16))
 p32 = model.init_params(cfg, seed=0, dtype=np.float32, xp=np)
 depths16 = model.sample_depths(rng, 16, cfg)
-S = int(depths16.max())
-print(f"\nbatch of 16, deepest sequence {S} loop steps:")
+deepest = int(depths16.max())
+print(f"\nbatch of 16, deepest sequence {deepest} loop steps:")
 nbytes = {}
-for name, c in (("truncated", cfg), ("full", replace(cfg, backprop_depth=S))):
+for name, c in (("truncated", cfg), ("full", replace(cfg, backprop_depth=deepest))):
     _, cache16, _ = model.forward(p32, c, ids16, targets16, depths=depths16, rng=rng, train=True)
     nbytes[name] = model.cache_nbytes(cache16, exclude=p32.values())
     print(f"  {name:9s} backprop (μ_bwd = {c.backprop_depth:2d}): {len(cache16.steps):2d} loop "
           f"steps kept, {nbytes[name]:,} bytes of activations in all")
-assert S > cfg.backprop_depth and nbytes["full"] > nbytes["truncated"]
+assert deepest > cfg.backprop_depth and nbytes["full"] > nbytes["truncated"]
 
 # ---------------------------------------------------------------------------------------------
 # 4. A real training run.
 #
 # Data: a few modules of Python's standard library, tokenised by a byte-level BPE of 384 ids
 # trained on them (`data.prepare_data`, cached in a temporary folder). Model: width 32, context
-# 32, one block each for prelude, loop and coda, μ_rec = 4, μ_bwd = 2. Each step of
-# `common.train` is:
+# 32, one block each for prelude, loop and coda, μ_rec = 4, μ_bwd = 2. Each step of `train` in
+# `lessons/common.py`:
 #
-#     x, y = data.get_batch(dataset.train, batch_size, cfg.context, rng)      # (B, T) each
+#     x, y = data.get_batch(dataset.train, batch_size, cfg.context, rng)      # (B, S) each
 #     depths = model.sample_depths(rng, batch_size, cfg)                       # section 1
 #     loss, cache, diag = model.forward(params, cfg, x, y, depths=depths, rng=rng, train=True)
 #     grads = model.backward(params, cfg, cache)                               # section 2
