@@ -17,7 +17,7 @@ training does, loses so little: the gradient that flows back along the state is 
 about like ρ(Ā)^j with its distance j from the end.
 
 Notation: ℓ is the loss, G_t = ∂ℓ/∂h_t the gradient that reaches the state after step t, T the
-number of loop steps, L the sequence length.
+number of loop steps, S the sequence length.
 """
 
 from dataclasses import replace
@@ -40,10 +40,10 @@ cfg = model.Config(vocab_size=64, context=16, d_model=16, n_head=2, n_prelude=1,
 d = cfg.d_model
 p = {k: v + 0.1 * rng.standard_normal(v.shape)
      for k, v in model.init_params(cfg, seed=0, dtype=np.float64, xp=np).items()}
-B, L, T = 2, 12, 12                     # batch, sequence length, loop steps
-ids = rng.integers(0, cfg.vocab_size, (B, L))
-targets = rng.integers(0, cfg.vocab_size, (B, L))
-h0 = model.initial_state(cfg, (B, L, cfg.d_h), "seeded", dtype=np.float64)
+B, S, T = 2, 12, 12                     # batch, sequence length, loop steps
+ids = rng.integers(0, cfg.vocab_size, (B, S))
+targets = rng.integers(0, cfg.vocab_size, (B, S))
+h0 = model.initial_state(cfg, (B, S, cfg.d_h), "seeded", dtype=np.float64)
 cfg_full = replace(cfg, backprop_depth=T)  # μ_bwd = T: every loop step keeps its activations
 
 # ---------------------------------------------------------------------------------------------
@@ -80,9 +80,9 @@ cfg_full = replace(cfg, backprop_depth=T)  # μ_bwd = T: every loop step keeps i
 
 
 def loop_backward(p, cfg, cache, dh):
-    """Backprop G_T = dh (B, L, d_h) through the cached loop steps of the diagonal injection.
+    """Backprop G_T = dh (B, S, d_h) through the cached loop steps of the diagonal injection.
 
-    Returns (gradients of the loop's parameters: core.* and inject.*, ∂ℓ/∂e (B, L, d),
+    Returns (gradients of the loop's parameters: core.* and inject.*, ∂ℓ/∂e (B, S, d),
     trace): trace holds, newest step first, the gradient G_t that reached the step's output and
     that step's own contribution to the core weights' gradient (for section 4)."""
     A_bar, delta, a = injection.diagonal_decay(p["inject.A_log"], p["inject.dt_bias"])  # (d_h,)
@@ -125,7 +125,7 @@ def loop_backward(p, cfg, cache, dh):
 def backward_by_hand(p, cfg, cache):
     ops = cache.ops
     grads = {k: np.zeros_like(v) for k, v in p.items()}
-    dlogits = ops.cross_entropy.backward(1.0, cache.loss)["logits"]      # (B, L, V)
+    dlogits = ops.cross_entropy.backward(1.0, cache.loss)["logits"]      # (B, S, V)
     grads["wte"] += rows_t_matmul(dlogits, cache.x_final)                # logits = x wteᵀ
     dx = rows_matmul(dlogits, p["wte"])
     g = ops.rmsnorm.backward(dx, cache.final_norm)

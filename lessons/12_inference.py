@@ -12,16 +12,16 @@ the logits of a full forward pass, measures what it saves, and then lets each to
 loop count: a token stops looping once its prediction stops moving, which lesson 10's law
 L(T) = L∞ + Z·e^(−zT) says happens after a few steps.
 
-Notation: T is the loop count, L the sequence length, μ_rec the mean training depth, ε the exit
+Notation: T is the loop count, S the sequence length, μ_rec the mean training depth, ε the exit
 threshold; n_p, n_r, n_c count the prelude, recurrent and coda blocks.
 """
 
 import tempfile
 import time
 
+from common import small_corpus, train  # first: it sets NumPy's BLAS to one thread
 import numpy as np
 
-from common import small_corpus, train
 from minparcae import data, generate, model
 
 rng = np.random.default_rng(0)
@@ -35,8 +35,8 @@ rng = np.random.default_rng(0)
 # decoded later to see the same numbers, the cache must keep position j's keys and values at every
 # step t, not only at its last. The prelude and coda run once per token, so one slot each is enough:
 #
-#     prelude.i, coda.i        one slot per layer                   keys (B, H_kv, L, hs), values alike
-#     core.i at loop step t    one slot per (layer, step): T·n_r    keys (B, H_r, L, hs_r), values alike
+#     prelude.i, coda.i        one slot per layer                   keys (B, H_kv, S, hs), values alike
+#     core.i at loop step t    one slot per (layer, step): T·n_r    keys (B, H_r, S, hs_r), values alike
 #
 # `model.KVCache(cfg, batch, capacity, core_slots)` allocates them; here for T = 4:
 
@@ -106,15 +106,15 @@ assert mib["looped"] / mib["fixed depth"] == 20 / 6
 
 p = {k: v + 0.3 * rng.standard_normal(v.shape)
      for k, v in model.init_params(cfg, seed=0, dtype=np.float64, xp=np).items()}
-B, L, P, T = 2, 24, 8, 4                          # batch, sequence length, prompt length, loop steps
-ids = rng.integers(0, cfg.vocab_size, (B, L))
-full = model.forward(p, cfg, ids, n_loops=T)[0]                       # (B, L, V)
+B, S, P, T = 2, 24, 8, 4                          # batch, sequence length, prompt length, loop steps
+ids = rng.integers(0, cfg.vocab_size, (B, S))
+full = model.forward(p, cfg, ids, n_loops=T)[0]                       # (B, S, V)
 
 
 def decode(kv_slots=None):
     dec = generate.Decoder(p, cfg, B, n_loops=T, kv_slots=kv_slots)
     logits = [dec.feed(ids[:, :P])[0]]                                  # prefill: (B, P, V)
-    logits += [dec.feed(ids[:, i:i + 1])[0] for i in range(P, L)]       # then (B, 1, V) each
+    logits += [dec.feed(ids[:, i:i + 1])[0] for i in range(P, S)]       # then (B, 1, V) each
     return np.concatenate(logits, axis=1), dec
 
 
@@ -127,7 +127,7 @@ assert np.abs(cached - full).max() < 1e-12
 # of their size. Keep a single slot per core layer (kv_slots=1: every step overwrites it, and a
 # token reads each earlier position's keys from its last step) and the logits are no longer the
 # full forward's.
-keys = [dec.kv.slots["core.0", t][0][:, :, :L] for t in range(T)]       # (B, H, L, hs) each
+keys = [dec.kv.slots["core.0", t][0][:, :, :S] for t in range(T)]       # (B, H, S, hs) each
 moved = [np.linalg.norm(keys[t] - keys[t - 1]) / np.linalg.norm(keys[t]) for t in range(1, T)]
 shared, _ = decode(kv_slots=1)
 print("core.0 keys, relative change from one step to the next:",
@@ -148,7 +148,7 @@ assert min(moved) > 0.05 and np.abs(shared - full).max() > 1e-2
 #
 # (the cached decoder runs the prompt once and then every generated token but the last). Work per
 # token grows with the length without the cache, and stays flat with it; the cached token still
-# attends over all L positions, but at these sizes that is a small part of its cost. A model with
+# attends over all S positions, but at these sizes that is a small part of its cost. A model with
 # context 128 and random weights (speed does not depend on them), greedy decoding, one sequence:
 
 fast = model.Config(vocab_size=256, context=128, d_model=64, n_head=2, n_prelude=1, n_recurrent=2,
@@ -208,11 +208,11 @@ with tempfile.TemporaryDirectory() as tmp:
     batches = list(data.iter_eval_batches(dataset.val, 32, cfg.context, 4))  # 4 × 32 windows
 mu = cfg.mean_recurrence
 T_max = 2 * mu
-y = np.concatenate([y for _, y in batches])                             # (N, L)
+y = np.concatenate([y for _, y in batches])                             # (N, S)
 
 
 def log_probs(T):
-    """log p_T of every validation token, (N, L, V) in float64: the full forward at T steps."""
+    """log p_T of every validation token, (N, S, V) in float64: the full forward at T steps."""
     z = np.concatenate([model.forward(params, cfg, x, n_loops=T)[0] for x, _ in batches])
     z = z.astype(np.float64) - z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))

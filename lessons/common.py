@@ -1,6 +1,6 @@
-"""What lessons 9 and 10 share: a small real corpus, the training loop, and one BLAS thread.
+"""What lessons 9, 10 and 12 share: a small real corpus, the training loop and one BLAS thread.
 
-Both run on the CPU at toy sizes, so that each trains a model in seconds. Import this module before
+They run on the CPU at toy sizes, so that each trains a model in seconds. Import this module before
 NumPy (the lessons do): it sets the thread count that NumPy's BLAS reads when it loads.
 """
 
