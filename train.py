@@ -68,7 +68,7 @@ def parse_args(argv=None):
                     help="fine-tune a trained model: an official Parcae folder (config.json, weights, "
                          "tokenizer.json) or a minparcae run folder; its architecture and tokenizer "
                          "are kept, so --preset, --vocab-size and --injection do not apply")
-    ap.add_argument("--steps", type=cli.positive_int, default=500)
+    ap.add_argument("--steps", type=cli.positive_int, default=1000)
     ap.add_argument("--batch-size", type=cli.positive_int, default=16)
     ap.add_argument("--context", type=cli.positive_int, default=None,
                     help="sequence length (default: the preset's)")
