@@ -374,6 +374,9 @@ def test_isoflop_verdict_says_whether_the_seeds_resolve_the_move():
     still = {k: v for k, v in resolved.items() if k[0] == 1}
     still.update({(3, 1, 0): 2.7, (3, 2, 0): 2.8, (3, 1, 1): 2.75, (3, 2, 1): 2.85})
     assert "it does not move" in isoflop.verdict(iso_rows(still))
+    one = {k: v for k, v in resolved.items() if k[0] == 3}  # one budget: nothing to move between
+    text = isoflop.verdict(iso_rows(one))
+    assert "3× → 2 (2/2)" in text and "no move to measure" in text and "does not move" not in text
     diverged = dict(resolved)
     diverged[(3, 2, 1)] = None  # a diverged run never counts as the lowest
     rows = iso_rows(diverged)

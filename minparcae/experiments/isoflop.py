@@ -144,6 +144,9 @@ def verdict(rows):
     if unresolved:
         return text + (f" At {', '.join(unresolved)} the best μ_rec is not the lowest in every seed: "
                        f"its move ({moves}) is not resolved by these seeds.")
+    if len(best) == 1:
+        return text + (f" The best μ_rec is the lowest in every seed; with one budget there is no "
+                       "move to measure (merge other budgets with --merge).")
     if len(set(mus)) == 1:
         return text + f" The best μ_rec is {mus[0]} at every budget, in every seed: it does not move."
     return text + (f" Every budget's best μ_rec is the lowest in every seed, so its move ({moves}) "
