@@ -30,7 +30,9 @@ import traceback
 
 import numpy as np
 
+from . import cli
 from .backend import array_module
+from .files import describe_os_error
 
 SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
@@ -141,6 +143,10 @@ class MPIWorld(Single):
             if self.agreed or exit_.code in (None, 0):
                 raise
             self._abort(f"stopped: {exit_.code}")
+        except cli.USER_ERRORS as err:  # one sentence, as in one process (cli.run)
+            self._abort(f"error: {err}")
+        except OSError as err:
+            self._abort(f"error: {describe_os_error(err)}")
         except BaseException as err:  # noqa: BLE001 (every failure must take the others down)
             self._abort("".join(traceback.format_exception(err)).rstrip())
 

@@ -85,6 +85,14 @@ def test_a_batch_that_does_not_divide_is_refused(corpus, tmp_path):
     r = run(train_args(corpus, tmp_path / "three", "--steps", "2"), ranks=3)
     assert r.returncode != 0
     assert "--batch-size 8 must divide by the 3 ranks" in r.stderr
+    assert "Traceback" not in r.stderr  # a user's mistake is one sentence, on every rank
+
+
+def test_missing_data_under_mpi_is_one_sentence(corpus, tmp_path):
+    r = run(train_args(corpus, tmp_path / "run", "--steps", "2", "--data", str(tmp_path / "nothing")),
+            ranks=2)
+    assert r.returncode != 0
+    assert "error: " in r.stderr and "nothing" in r.stderr and "Traceback" not in r.stderr
 
 
 FAIL_ON_RANK_1 = """
