@@ -1,35 +1,39 @@
-"""Lesson 1: arrays on CPU and GPU, the `xp` backend.
+# %% [markdown]
+# # Lesson 1: arrays on CPU and GPU, the `xp` backend
+#
+# ```bash
+# python lessons/01_backend.py
+# ```
+#
+# Everything in minparcae is arithmetic on arrays. On a laptop those arrays are NumPy arrays; on an
+# NVIDIA GPU they are CuPy arrays. CuPy copies NumPy's interface almost name for name (`cupy.exp`,
+# `cupy.matmul`, `a.sum(axis=-1)`, ...), so a function that receives its array module as a variable,
+# by convention called `xp`, runs unchanged on either device. This lesson shows how minparcae picks
+# that module, how an op finds it, how data moves between devices, and why the gradient checks of the
+# next lessons run in float64.
 
-    python lessons/01_backend.py
-
-Everything in minparcae is arithmetic on arrays. On a laptop those arrays are NumPy arrays; on an
-NVIDIA GPU they are CuPy arrays. CuPy copies NumPy's interface almost name for name (`cupy.exp`,
-`cupy.matmul`, `a.sum(axis=-1)`, ...), so a function that receives its array module as a variable,
-by convention called `xp`, runs unchanged on either device. This lesson shows how minparcae picks
-that module, how an op finds it, how data moves between devices, and why the gradient checks of the
-next lessons run in float64.
-"""
-
+# %%
 import numpy as np
 
 from minparcae import backend, kernels
 from minparcae.ops import REFERENCE, injection, rmsnorm
 
-# ---------------------------------------------------------------------------------------------
-# 1. Which device?
+# %% [markdown]
+# ## 1. Which device?
 #
 # `backend.use_device` decides where new arrays (parameters, batches) are created: an explicit
 # choice ("cpu" or "gpu"), else the environment variable MINPARCAE_DEVICE, else "auto", which
 # takes the GPU only when CuPy imports *and* the CUDA runtime answers. `backend.get_xp()` returns
 # the module of the active device.
 
+# %%
 xp = backend.get_xp()
 print(f"active device: {backend.device()}  (array module: {xp.__name__})")
 assert backend.device() in ("cpu", "gpu")
 assert xp.__name__ == ("numpy" if backend.device() == "cpu" else "cupy")
 
-# ---------------------------------------------------------------------------------------------
-# 2. Ops never choose a device: they ask their input.
+# %% [markdown]
+# ## 2. Ops never choose a device: they ask their input
 #
 # Every op begins with `xp = array_module(x)`, the module that owns its input. Here is softplus,
 # which Parcae uses for its step size Δ = softplus(dt_bias) (lesson 8), as written in
@@ -42,6 +46,7 @@ assert xp.__name__ == ("numpy" if backend.device() == "cpu" else "cupy")
 # The formula is softplus(x) = log(1 + eˣ) rewritten as max(x, 0) + log(1 + e^(−|x|)), which is the
 # same number but never exponentiates a large positive value.
 
+# %%
 x_host = np.array([-1000.0, -1.0, 0.0, 1.0, 1000.0])
 x = backend.to_device(x_host)                          # a copy on the active device
 assert backend.array_module(x) is xp
@@ -54,12 +59,18 @@ assert abs(y[2] - np.log(2.0)) < 1e-15                  # softplus(0) = ln 2
 assert y[4] == 1000.0 and np.isinf(naive[4])           # the rewritten form survives x = 1000
 assert y[0] == 0.0                                     # and underflows gracefully at x = −1000
 
+# %% [markdown]
 # `to_device` and `to_host` are the only two places data crosses between devices. On the CPU both
 # are (almost) free; on a GPU they are copies over the PCIe bus, which is why the trainer keeps
 # parameters on the device and only brings back a few scalars per step.
+
+# %%
 assert np.array_equal(backend.to_host(backend.to_device(x_host)), x_host)
 
+# %% [markdown]
 # When a GPU is present, the same op runs on both devices and agrees to float32 rounding.
+
+# %%
 if backend.gpu_available():
     import cupy
     a = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
@@ -71,18 +82,19 @@ if backend.gpu_available():
 else:
     print("no GPU here: every op below runs on NumPy, and would run unchanged on CuPy")
 
-# ---------------------------------------------------------------------------------------------
-# 3. float32 for training, float64 for checking.
+# %% [markdown]
+# ## 3. float32 for training, float64 for checking
 #
 # Parameters and activations default to float32 (`backend.dtype()`), which halves memory and is
 # what GPUs are fast at. Its unit roundoff is u = 2⁻²⁴ ≈ 6e-8: 1 + 1e-8 is exactly 1 in float32.
 # Gradient checks (lesson 2) compare a hand-written backward with the central difference
 #
-#     g ≈ (f(θ + ε) − f(θ − ε)) / (2ε),
+# $$ g \approx \frac{f(\theta + \varepsilon) - f(\theta - \varepsilon)}{2\varepsilon}, $$
 #
 # whose rounding error is about u·|f|/ε. In float32 that swamps the answer; in float64
 # (u = 2⁻⁵³ ≈ 1e-16) it leaves about ten correct digits at ε = 1e-6. So every check runs in float64.
 
+# %%
 assert backend.dtype() is np.float32
 print(f"unit roundoff: float32 {np.finfo(np.float32).eps / 2:.1e}, "
       f"float64 {np.finfo(np.float64).eps / 2:.1e}")
@@ -97,8 +109,8 @@ for dtype in (np.float32, np.float64):
           f"relative error {err:.1e}")
     assert (err > 1e-3) if dtype is np.float32 else (err < 1e-9)
 
-# ---------------------------------------------------------------------------------------------
-# 4. The reference, and the fast paths beside it.
+# %% [markdown]
+# ## 4. The reference, and the fast paths beside it
 #
 # Every op in minparcae/ops is the readable reference, and the model runs an `Ops` set of them:
 # `ops.REFERENCE` unless it is handed another. `kernels.select(device)` hands it a set in which a
@@ -106,6 +118,7 @@ for dtype in (np.float32, np.float64):
 # CPU the attention core; on a GPU most ops, as CUDA kernels). The lessons explain the reference,
 # so they run exactly that, the default: nothing to switch off.
 
+# %%
 fast = kernels.select("cpu")
 replaced = [name for name in fast._fields if getattr(fast, name) is not getattr(REFERENCE, name)]
 print(f"replaced on the CPU: {', '.join(replaced)}; the reference elsewhere")

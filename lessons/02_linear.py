@@ -1,15 +1,18 @@
-"""Lesson 2: a linear layer's backward by hand, and finite differences to check it.
+# %% [markdown]
+# # Lesson 2: a linear layer's backward by hand, and finite differences to check it
+#
+# ```bash
+# python lessons/02_linear.py
+# ```
+#
+# minparcae has no autograd. Every op is a pair: `forward(...) -> (out, cache)` computes the output
+# and keeps what the backward will need; `backward(dout, cache) -> grads` receives G = ∂L/∂out, the
+# gradient of some scalar loss L with respect to the op's output, and returns the gradients with
+# respect to the op's inputs. Chaining these pairs backwards through a network is backpropagation.
+# This lesson derives the simplest pair, the linear layer, checks it numerically, and then composes
+# two of them into the MLP that every transformer block contains.
 
-    python lessons/02_linear.py
-
-minparcae has no autograd. Every op is a pair: `forward(...) -> (out, cache)` computes the output
-and keeps what the backward will need; `backward(dout, cache) -> grads` receives G = ∂L/∂out, the
-gradient of some scalar loss L with respect to the op's output, and returns the gradients with
-respect to the op's inputs. Chaining these pairs backwards through a network is backpropagation.
-This lesson derives the simplest pair, the linear layer, checks it numerically, and then composes
-two of them into the MLP that every transformer block contains.
-"""
-
+# %%
 import numpy as np
 
 from minparcae.gradcheck import check_op, numeric_grad, rel_error
@@ -17,24 +20,26 @@ from minparcae.ops import linear, mlp
 
 rng = np.random.default_rng(0)
 
-# ---------------------------------------------------------------------------------------------
-# 1. The forward: y = x W.
+# %% [markdown]
+# ## 1. The forward: y = x W
 #
 # x is (N, n_in): N rows (in the model, every token of every sequence), n_in features each.
 # W is (n_in, n_out). minparcae stores every matrix (in, out), so every layer is `x @ W`.
 
+# %%
 x = rng.standard_normal((5, 3))
 W = rng.standard_normal((3, 4))
 y, cache = linear.forward(x, W)
 assert y.shape == (5, 4) and np.allclose(y, x @ W)
 
-# ---------------------------------------------------------------------------------------------
-# 2. The backward, by hand.
+# %% [markdown]
+# ## 2. The backward, by hand
 #
 # Write the product out: y_ij = Σ_k x_ik W_kj. Then, with G_ij = ∂L/∂y_ij and the chain rule,
 #
-#     ∂L/∂x_ik = Σ_j G_ij ∂y_ij/∂x_ik = Σ_j G_ij W_kj    →   dL/dx = G Wᵀ      (N, n_in)
-#     ∂L/∂W_kj = Σ_i G_ij ∂y_ij/∂W_kj = Σ_i x_ik G_ij    →   dL/dW = xᵀ G      (n_in, n_out)
+# $$ \frac{\partial L}{\partial x_{ik}} = \sum_j G_{ij} \frac{\partial y_{ij}}{\partial x_{ik}} = \sum_j G_{ij} W_{kj} \quad\Rightarrow\quad \frac{dL}{dx} = G W^\top \qquad (N, n_{in}) $$
+#
+# $$ \frac{\partial L}{\partial W_{kj}} = \sum_i G_{ij} \frac{\partial y_{ij}}{\partial W_{kj}} = \sum_i x_{ik} G_{ij} \quad\Rightarrow\quad \frac{dL}{dW} = x^\top G \qquad (n_{in}, n_{out}) $$
 #
 # A shortcut to remember them: a gradient has the shape of the thing it is the gradient of, and
 # there is only one way to multiply G (N, n_out) with W (n_in, n_out) into (N, n_in), and one way
@@ -49,20 +54,26 @@ assert y.shape == (5, 4) and np.allclose(y, x @ W)
 # all B·S of them.
 #
 # To test it we need a scalar loss. Any will do; a projection onto a fixed random R,
-#     L = Σ_ij y_ij R_ij,
+#
+# $$ L = \sum_{ij} y_{ij} R_{ij}, $$
+#
 # has ∂L/∂y = R exactly, so R is the G that the backward receives.
 
+# %%
 R = rng.standard_normal(y.shape)
 grads = linear.backward(R, cache)
 
-# ---------------------------------------------------------------------------------------------
-# 3. Finite differences.
+# %% [markdown]
+# ## 3. Finite differences
 #
 # Nudge one entry θ_i of an input by ±ε, recompute L, and divide:
-#     ∂L/∂θ_i ≈ (L(θ + ε e_i) − L(θ − ε e_i)) / (2ε).
+#
+# $$ \frac{\partial L}{\partial \theta_i} \approx \frac{L(\theta + \varepsilon e_i) - L(\theta - \varepsilon e_i)}{2\varepsilon}. $$
+#
 # `gradcheck.numeric_grad` does exactly this, entry by entry, perturbing the array in place.
 
 
+# %%
 def loss():
     return float((linear.forward(x, W)[0] * R).sum())
 
@@ -74,9 +85,12 @@ err_W = rel_error(grads["w"], g_W)
 print(f"linear: relative error dx {err_x:.1e}, dW {err_W:.1e}")
 assert err_x < 1e-9 and err_W < 1e-9
 
+# %% [markdown]
 # The error is normwise, max|a − n| / max(|a|, |n|), so one number per tensor, free of scale. A
 # wrong backward does not give 1e-3, it gives O(1). A classic slip is forgetting a transpose; with
 # a square W the shapes still fit, so only a check like this one notices:
+
+# %%
 W_sq = rng.standard_normal((3, 3))
 _, c_sq = linear.forward(x, W_sq)
 R_sq = rng.standard_normal((5, 3))
@@ -87,12 +101,12 @@ err_right = rel_error(linear.backward(R_sq, c_sq)["x"], g_sq)
 print(f"forgotten transpose: relative error {err_wrong:.2f} (the right backward: {err_right:.1e})")
 assert err_wrong > 0.1 and err_right < 1e-9
 
-# ---------------------------------------------------------------------------------------------
-# 4. Composing ops: the ReLU² MLP.
+# %% [markdown]
+# ## 4. Composing ops: the ReLU² MLP
 #
 # Each transformer block holds an MLP, ops/mlp.py, built from two linear layers:
 #
-#     u = x W_fc,   a = relu(u),   g = ½ a²,   y = g W_proj
+# $$ u = x W_{fc}, \qquad a = \mathrm{relu}(u), \qquad g = \tfrac{1}{2} a^2, \qquad y = g W_{proj} $$
 #
 # Its backward is the chain rule read bottom up, each linear layer handled by the pair above. The
 # only new factor is d(½ relu(u)²)/du = relu(u) = a, which the forward already computed and kept
@@ -105,6 +119,7 @@ assert err_wrong > 0.1 and err_right < 1e-9
 # `gradcheck.check_op` runs the whole recipe for any op: it projects the output onto a random R,
 # calls the backward with dout = R, and compares every returned gradient with central differences.
 
+# %%
 worst, errors = check_op(mlp.forward, mlp.backward,
                          {"x": rng.standard_normal((2, 3, 8)),
                           "w_fc": rng.standard_normal((8, 32)) / 8**0.5,
@@ -112,8 +127,8 @@ worst, errors = check_op(mlp.forward, mlp.backward,
 print("MLP:", {k: f"{v:.1e}" for k, v in errors.items()})
 assert worst < 1e-8
 
-# ---------------------------------------------------------------------------------------------
-# 5. Choosing ε.
+# %% [markdown]
+# ## 5. Choosing ε
 #
 # Taylor-expand both nudges: f(θ ± ε) = f ± ε f' + ½ε² f'' ± ⅙ε³ f''' + ..., so the difference
 # quotient is f' + ⅙ε² f''' + ...: the f'' terms cancel, and the central difference is exact for
@@ -124,6 +139,7 @@ assert worst < 1e-8
 # RMSNorm) the ⅙ε² f''' term joins in, and the total is smallest near ε ≈ (1e-16)^(1/3) ≈ 5e-6;
 # minparcae uses ε = 1e-6 (gradcheck.EPS), which leaves about ten correct digits.
 
+# %%
 xm = rng.standard_normal((2, 8))
 w_fc = rng.standard_normal((8, 32)) / 8**0.5
 w_proj = rng.standard_normal((32, 8)) / 32**0.5

@@ -1,14 +1,17 @@
-"""Lesson 3: softmax cross-entropy, and its surprisingly simple gradient.
+# %% [markdown]
+# # Lesson 3: softmax cross-entropy, and its surprisingly simple gradient
+#
+# ```bash
+# python lessons/03_cross_entropy.py
+# ```
+#
+# A language model ends in logits: one score z_v per vocabulary entry v, for every position. Training
+# minimises the cross-entropy between softmax(z) and the token that really came next. The loss looks
+# like it needs a careful backward (an exponential, a sum, a division, a log), but its gradient is
+# the difference between what the model predicted and what happened. This lesson derives it, shows
+# why the forward subtracts a maximum, and checks both against minparcae's ops/cross_entropy.py.
 
-    python lessons/03_cross_entropy.py
-
-A language model ends in logits: one score z_v per vocabulary entry v, for every position. Training
-minimises the cross-entropy between softmax(z) and the token that really came next. The loss looks
-like it needs a careful backward (an exponential, a sum, a division, a log), but its gradient is
-the difference between what the model predicted and what happened. This lesson derives it, shows
-why the forward subtracts a maximum, and checks both against minparcae's ops/cross_entropy.py.
-"""
-
+# %%
 import numpy as np
 
 from minparcae.gradcheck import check_grads
@@ -16,30 +19,38 @@ from minparcae.ops import cross_entropy
 
 rng = np.random.default_rng(0)
 
-# ---------------------------------------------------------------------------------------------
-# 1. The loss.
+# %% [markdown]
+# ## 1. The loss
 #
 # For one position with logits z ∈ R^V and target y, the model's probabilities are
-#     p_v = softmax(z)_v = e^{z_v} / Σ_u e^{z_u},
+#
+# $$ p_v = \mathrm{softmax}(z)_v = \frac{e^{z_v}}{\sum_u e^{z_u}}, $$
+#
 # and the loss is the negative log-probability of the target:
-#     ℓ = −log p_y = log Σ_u e^{z_u} − z_y = logsumexp(z) − z_y.
+#
+# $$ \ell = -\log p_y = \log \sum_u e^{z_u} - z_y = \mathrm{logsumexp}(z) - z_y. $$
+#
 # Over N positions minparcae takes the mean, L = (1/N) Σ_i ℓ_i.
 #
 # A model that knows nothing spreads its probability evenly: equal logits give p_v = 1/V and
 # ℓ = ln V for every target. That is the loss a freshly initialised model starts near.
 
+# %%
 V, N = 50, 6
 loss, _ = cross_entropy.forward(np.zeros((N, V)), rng.integers(0, V, N))
 print(f"equal logits: loss {float(loss):.6f}, ln V = {np.log(V):.6f}")
 assert abs(float(loss) - np.log(V)) < 1e-12
 
-# ---------------------------------------------------------------------------------------------
-# 2. The gradient.
+# %% [markdown]
+# ## 2. The gradient
 #
 # Differentiate the two terms of ℓ = logsumexp(z) − z_y:
-#     ∂ logsumexp(z)/∂z_v = e^{z_v} / Σ_u e^{z_u} = p_v,      ∂z_y/∂z_v = [v = y],
+#
+# $$ \frac{\partial \mathrm{logsumexp}(z)}{\partial z_v} = \frac{e^{z_v}}{\sum_u e^{z_u}} = p_v, \qquad \frac{\partial z_y}{\partial z_v} = [v = y], $$
+#
 # so
-#     ∂ℓ/∂z_v = p_v − [v = y],        i.e.   ∂ℓ/∂z = softmax(z) − onehot(y).
+#
+# $$ \frac{\partial \ell}{\partial z_v} = p_v - [v = y], \qquad \text{i.e.} \qquad \frac{\partial \ell}{\partial z} = \mathrm{softmax}(z) - \mathrm{onehot}(y). $$
 #
 # No exponential or log survives: the gradient is "predicted minus actual". The forward computes
 # both at once, since both need the same exponentials (`softmax_xent` in
@@ -53,6 +64,7 @@ assert abs(float(loss) - np.log(V)) < 1e-12
 #     grad[rows, targets] -= 1.0                            # minus the one-hot
 #     grad *= (valid / n_valid).astype(z.dtype)[:, None]    # the mean over the N rows (section 4)
 
+# %%
 z = rng.standard_normal((N, V)) * 3
 y = rng.integers(0, V, N)
 loss, cache = cross_entropy.forward(z, y)
@@ -62,17 +74,23 @@ by_hand = (p - np.eye(V)[y]) / N
 print(f"gradient vs (softmax − onehot)/N: max |difference| {np.abs(dz - by_hand).max():.1e}")
 assert np.abs(dz - by_hand).max() < 1e-15
 
+# %% [markdown]
 # And against central differences (lesson 2), through `gradcheck.check_grads`:
+
+# %%
 errors = check_grads(lambda: float(cross_entropy.forward(z, y)[0]), {"logits": z}, {"logits": dz})
 print(f"finite differences: relative error {errors['logits']:.1e}")
 assert errors["logits"] < 1e-7
 
+# %% [markdown]
 # Three things the formula says at a glance, each checked:
 #  - every row of the gradient sums to zero (Σ_v p_v = 1), so adding a constant to all logits of
 #    a position changes nothing: softmax only sees differences;
 #  - every entry lies in (−1, 1)/N: a single position can never push a logit arbitrarily hard;
 #  - at the target the entry is (p_y − 1)/N: when the model is already sure and right (p_y → 1)
 #    the gradient vanishes, and learning concentrates on what it gets wrong.
+
+# %%
 row_sums = np.abs(dz.sum(axis=-1)).max()
 print(f"largest |row sum| of the gradient: {row_sums:.1e}")
 assert row_sums < 1e-16 * V
@@ -84,13 +102,14 @@ g_conf = np.abs(cross_entropy.backward(1.0, c_conf)["logits"]).max()
 print(f"confident and right: largest gradient entry {g_conf:.1e}")
 assert g_conf < 1e-10
 
-# ---------------------------------------------------------------------------------------------
-# 3. Why subtract the maximum.
+# %% [markdown]
+# ## 3. Why subtract the maximum
 #
 # e^{z} overflows float64 once z > 709 (float32: z > 88). Since logsumexp(z) = m + logsumexp(z − m)
 # for any m, the op subtracts the row maximum first: then every exponent is ≤ 0, the largest is
 # exactly e⁰ = 1, and nothing overflows or divides by zero, whatever the logits.
 
+# %%
 huge = np.array([[1e4, 0.0, -1e4]])
 loss_huge, c_huge = cross_entropy.forward(huge, np.array([1]))
 with np.errstate(over="ignore", invalid="ignore"):
@@ -99,12 +118,13 @@ print(f"logits (1e4, 0, −1e4), target 1: loss {float(loss_huge):.1f}, naive fo
 assert float(loss_huge) == 1e4 and np.isinf(naive)
 assert np.all(np.isfinite(cross_entropy.backward(1.0, c_huge)["logits"]))
 
-# ---------------------------------------------------------------------------------------------
-# 4. Ignored targets.
+# %% [markdown]
+# ## 4. Ignored targets
 #
 # A target equal to IGNORE_INDEX (−1) contributes neither to the loss nor to N, and its row of the
 # gradient is zero: the mask `valid` does that. Padding uses it.
 
+# %%
 y_pad = y.copy()
 y_pad[:2] = cross_entropy.IGNORE_INDEX
 loss_pad, c_pad = cross_entropy.forward(z, y_pad)
@@ -115,14 +135,17 @@ print(f"two of six targets ignored: loss {float(loss_pad):.6f} = loss of the oth
 assert abs(float(loss_pad) - float(rest)) < 1e-14
 assert not dz_pad[:2].any()
 
-# ---------------------------------------------------------------------------------------------
-# 5. Optional soft-cap.
+# %% [markdown]
+# ## 5. Optional soft-cap
 #
 # Some models squash logits through z ← c·tanh(z/c) before the softmax, so no logit exceeds c.
 # The gradient picks up one chain-rule factor,
-#     d(c·tanh(z/c))/dz = 1 − tanh²(z/c) = 1 − (z_capped/c)²,
+#
+# $$ \frac{d}{dz} c \tanh(z/c) = 1 - \tanh^2(z/c) = 1 - (z_{capped}/c)^2, $$
+#
 # which is the factor `1.0 - (z / softcap) ** 2` in the op's backward.
 
+# %%
 loss_cap, c_cap = cross_entropy.forward(z, y, softcap=2.0)
 dz_cap = cross_entropy.backward(1.0, c_cap)["logits"]
 errors = check_grads(lambda: float(cross_entropy.forward(z, y, softcap=2.0)[0]),

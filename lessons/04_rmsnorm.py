@@ -1,14 +1,17 @@
-"""Lesson 4: RMSNorm, forward and backward.
+# %% [markdown]
+# # Lesson 4: RMSNorm, forward and backward
+#
+# ```bash
+# python lessons/04_rmsnorm.py
+# ```
+#
+# A transformer adds the output of every block to a running sum, the residual stream, whose scale
+# drifts from layer to layer (and, in a looped model, from loop to loop). Before each block reads the
+# stream, RMSNorm rescales every token's vector to a fixed root-mean-square. This lesson derives its
+# backward from the Jacobian, checks it three ways, and shows the geometric fact behind it: a
+# normalisation cannot feel a change of scale, so its gradient has no component along its input.
 
-    python lessons/04_rmsnorm.py
-
-A transformer adds the output of every block to a running sum, the residual stream, whose scale
-drifts from layer to layer (and, in a looped model, from loop to loop). Before each block reads the
-stream, RMSNorm rescales every token's vector to a fixed root-mean-square. This lesson derives its
-backward from the Jacobian, checks it three ways, and shows the geometric fact behind it: a
-normalisation cannot feel a change of scale, so its gradient has no component along its input.
-"""
-
+# %%
 import numpy as np
 
 from minparcae.gradcheck import check_op, numeric_grad, rel_error
@@ -16,11 +19,13 @@ from minparcae.ops import rmsnorm
 
 rng = np.random.default_rng(0)
 
-# ---------------------------------------------------------------------------------------------
-# 1. The forward.
+# %% [markdown]
+# ## 1. The forward
 #
 # For one token's vector x ∈ R^n:
-#     r = 1 / √(mean_j x_j² + eps),     x̂ = x r,     y = x̂ ⊙ w
+#
+# $$ r = \frac{1}{\sqrt{\mathrm{mean}_j x_j^2 + \mathrm{eps}}}, \qquad \hat x = x r, \qquad y = \hat x \odot w $$
+#
 # with a learned gain w (initialised to ones) and eps = 1e-5. `minparcae/ops/rmsnorm.py`:
 #
 #     r = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
@@ -29,6 +34,7 @@ rng = np.random.default_rng(0)
 #
 # Whatever the scale of the input, each row of x̂ comes out with RMS 1 (up to eps).
 
+# %%
 n = 16
 x = rng.standard_normal((3, n)) * np.array([[1e-1], [1.0], [1e3]])   # three very different scales
 y, cache = rmsnorm.forward(x, np.ones(n))
@@ -39,16 +45,23 @@ assert np.allclose(rms, 1.0, atol=1e-3)
 # Without eps the output does not depend on the input's scale at all: x and 5x give the same y.
 assert np.allclose(rmsnorm.forward(5.0 * x, eps=0.0)[0], rmsnorm.forward(x, eps=0.0)[0], atol=1e-14)
 
-# ---------------------------------------------------------------------------------------------
-# 2. The backward, from the Jacobian.
+# %% [markdown]
+# ## 2. The backward, from the Jacobian
 #
 # With m = mean_j x_j², r = (m + eps)^(−1/2), and ∂m/∂x_j = 2x_j/n:
-#     ∂r/∂x_j = −½ (m + eps)^(−3/2) · 2x_j/n = −r³ x_j / n
-#     ∂x̂_i/∂x_j = r δ_ij + x_i ∂r/∂x_j = r δ_ij − r³ x_i x_j / n
+#
+# $$ \frac{\partial r}{\partial x_j} = -\tfrac{1}{2} (m + \mathrm{eps})^{-3/2} \cdot \frac{2 x_j}{n} = -\frac{r^3 x_j}{n} $$
+#
+# $$ \frac{\partial \hat x_i}{\partial x_j} = r \delta_{ij} + x_i \frac{\partial r}{\partial x_j} = r \delta_{ij} - \frac{r^3 x_i x_j}{n} $$
+#
 # so the Jacobian of one row is
-#     J = ∂x̂/∂x = r (I − x̂ x̂ᵀ / n),
+#
+# $$ J = \frac{\partial \hat x}{\partial x} = r \left(I - \frac{\hat x \hat x^\top}{n}\right), $$
+#
 # a symmetric matrix. Given G = ∂L/∂y, first ĝ = G ⊙ w (the gain), then dL/dx = Jᵀ ĝ = J ĝ:
-#     dL/dx = r (ĝ − x̂ · mean_j(ĝ_j x̂_j)),      dL/dw = Σ_rows G ⊙ x̂.
+#
+# $$ \frac{dL}{dx} = r \left(\hat g - \hat x \cdot \mathrm{mean}_j(\hat g_j \hat x_j)\right), \qquad \frac{dL}{dw} = \sum_\text{rows} G \odot \hat x. $$
+#
 # Note what the backward needs: only x̂ and r, which the forward cached. `minparcae/ops/rmsnorm.py`:
 #
 #     grads["weight"] = (dout * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0)
@@ -57,6 +70,7 @@ assert np.allclose(rmsnorm.forward(5.0 * x, eps=0.0)[0], rmsnorm.forward(x, eps=
 #
 # Check (a): the formula for J against a Jacobian measured row by row with finite differences.
 
+# %%
 x1 = rng.standard_normal(n)
 _, c1 = rmsnorm.forward(x1)
 xhat1, r1 = c1[0], c1[1]
@@ -68,20 +82,26 @@ err_J = rel_error(J_formula, J_numeric)
 print(f"Jacobian r(I − x̂x̂ᵀ/n) vs finite differences: relative error {err_J:.1e}")
 assert err_J < 1e-8
 
+# %% [markdown]
 # Check (b): the op's backward is J applied to G, without ever forming the n × n matrix.
+
+# %%
 G1 = rng.standard_normal(n)
 err_JG = rel_error(rmsnorm.backward(G1, c1)["x"], J_formula @ G1)
 print(f"backward vs J·G: relative error {err_JG:.1e}")
 assert err_JG < 1e-14
 
+# %% [markdown]
 # Check (c): the whole op with its gain, on a batch, against central differences.
+
+# %%
 worst, errors = check_op(rmsnorm.forward, rmsnorm.backward,
                          {"x": rng.standard_normal((2, 5, n)), "weight": rng.standard_normal(n)})
 print("check_op:", {k: f"{v:.1e}" for k, v in errors.items()})
 assert worst < 1e-8
 
-# ---------------------------------------------------------------------------------------------
-# 3. The gradient is orthogonal to the input.
+# %% [markdown]
+# ## 3. The gradient is orthogonal to the input
 #
 # Since ‖x̂‖² = n·m/(m + eps) ≈ n, the matrix x̂x̂ᵀ/n is (nearly) the projection onto the direction
 # of x, and J = r(I − x̂x̂ᵀ/n) removes that direction. That is the scale invariance of section 1 in
@@ -89,6 +109,7 @@ assert worst < 1e-8
 # way. With eps = 0 the projection is exact and x · dL/dx vanishes to rounding; with eps > 0 a
 # trace of order eps/m is left.
 
+# %%
 for eps in (0.0, rmsnorm.EPS):
     _, c = rmsnorm.forward(x1, eps=eps)
     dx = rmsnorm.backward(G1, c)["x"]
@@ -96,6 +117,9 @@ for eps in (0.0, rmsnorm.EPS):
     print(f"eps = {eps:g}: |cos(x, dL/dx)| = {cos:.1e}")
     assert cos < (1e-14 if eps == 0.0 else 1e-4)
 
+# %% [markdown]
 # The blocks of the model use RMSNorm with a gain; the attention of lesson 5 uses it without one
 # (QK-norm), on queries and keys.
+
+# %%
 print("lesson 4 passed")

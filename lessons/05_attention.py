@@ -1,16 +1,19 @@
-"""Lesson 5: causal self-attention with rotary embeddings and QK-norm, forward and backward.
+# %% [markdown]
+# # Lesson 5: causal self-attention with rotary embeddings and QK-norm, forward and backward
+#
+# ```bash
+# python lessons/05_attention.py
+# ```
+#
+# Attention is how a token reads the tokens before it. Each position emits a query q, a key k and a
+# value v; a position's output is an average of the values of earlier positions, weighted by how well
+# their keys match its query. minparcae's attention layer (`model.attention_forward`, around the
+# core in ops/attention.py) adds two details: rotary embeddings, which tell the dot product q·k how
+# far apart two tokens are, and QK-norm, which keeps those dot products in a fixed range. This
+# lesson builds the forward from its pieces, checks that the pieces do what they promise, and checks
+# the backward with finite differences.
 
-    python lessons/05_attention.py
-
-Attention is how a token reads the tokens before it. Each position emits a query q, a key k and a
-value v; a position's output is an average of the values of earlier positions, weighted by how well
-their keys match its query. minparcae's attention layer (`model.attention_forward`, around the
-core in ops/attention.py) adds two details: rotary embeddings, which tell the dot product q·k how
-far apart two tokens are, and QK-norm, which keeps those dot products in a fixed range. This
-lesson builds the forward from its pieces, checks that the pieces do what they promise, and checks
-the backward with finite differences.
-"""
-
+# %%
 import numpy as np
 
 from minparcae import model
@@ -19,20 +22,23 @@ from minparcae.ops import REFERENCE, attention, rmsnorm, rotary
 
 rng = np.random.default_rng(0)
 
-# ---------------------------------------------------------------------------------------------
-# 1. Rotary position embeddings (ops/rotary.py).
+# %% [markdown]
+# ## 1. Rotary position embeddings (ops/rotary.py)
 #
 # A head vector q ∈ R^hs is cut into hs/2 adjacent pairs, and at position p pair i is rotated by
 # the angle p·θ_i, with θ_i = base^(−2i/hs) (base 50,000): fast rotations in the first pairs, slow
 # ones in the last. Writing R_p for that block-diagonal rotation, the score between a query at
 # position m and a key at position n is
-#     (R_m q)·(R_n k) = q · R_mᵀ R_n k = q · R_(n−m) k,
+#
+# $$ (R_m q) \cdot (R_n k) = q \cdot R_m^\top R_n k = q \cdot R_{n-m} k, $$
+#
 # which depends on the positions only through their distance n − m. `rotary.tables` gives the cos
 # and sin of p·θ_i, and `rotary.forward` rotates, in `minparcae/ops/rotary.py`:
 #
 #     y[..., 0::2] = x1 * cos - x2 * sin
 #     y[..., 1::2] = x1 * sin + x2 * cos
 
+# %%
 hs = 8
 q = rng.standard_normal((1, 1, 1, hs))   # (B, H, S, hs) with B = H = S = 1
 k = rng.standard_normal((1, 1, 1, hs))
@@ -49,25 +55,34 @@ print(f"q·k at positions (3, 1): {near:.12f}; at (1003, 1001): {far:.12f}")
 assert abs(near - far) < 1e-9
 assert abs(np.linalg.norm(at(q, 1003)) - np.linalg.norm(q)) < 1e-12   # rotations keep lengths
 
+# %% [markdown]
 # A rotation's inverse is its transpose, so the backward is the rotation by −p·θ_i
 # (`rotary.backward` passes −sin). Rotating forward and then backward gives the input back:
+
+# %%
 cos, sin = rotary.tables(5, hs, dtype=np.float64)
 x = rng.standard_normal((2, 3, 5, hs))
 back = rotary.backward(*rotary.forward(x, cos, sin))["x"]
 assert np.abs(back - x).max() < 1e-15
 
-# ---------------------------------------------------------------------------------------------
-# 2. The forward, piece by piece.
+# %% [markdown]
+# ## 2. The forward, piece by piece
 #
 # For input x (B, S, d), S positions of d features, and H heads of size hs = d/H:
-#     q = x W_q,  k = x W_k,  v = x W_v                      split into heads: (B, H, S, hs)
-#     q ← N(RoPE(q)),  k ← N(RoPE(k))                       N = RMSNorm without gain (QK-norm)
-#                                                           with ε the dtype's machine epsilon
-#     s = q kᵀ / √hs,   s_ij = −∞ for j > i                  (B, H, S, S), causal
-#     P = softmax(s) over j,   Y = P v                      (B, H, S, hs)
-#     y = concat_heads(Y) W_o                               (B, S, d)
+#
+# $$ q = x W_q, \quad k = x W_k, \quad v = x W_v \qquad \text{split into heads: } (B, H, S, hs) $$
+#
+# $$ q \leftarrow N(\mathrm{RoPE}(q)), \quad k \leftarrow N(\mathrm{RoPE}(k)) \qquad N = \text{RMSNorm without gain (QK-norm), with } \varepsilon \text{ the dtype's machine epsilon} $$
+#
+# $$ s = q k^\top / \sqrt{hs}, \quad s_{ij} = -\infty \text{ for } j > i \qquad (B, H, S, S) \text{, causal} $$
+#
+# $$ P = \mathrm{softmax}(s) \text{ over } j, \quad Y = P v \qquad (B, H, S, hs) $$
+#
+# $$ y = \mathrm{concat}_\text{heads}(Y) W_o \qquad (B, S, d) $$
+#
 # Below, the same lines written out with the library's pieces, then compared with the layer.
 
+# %%
 B, S, H, d = 2, 6, 2, 16
 hs = d // H
 x = rng.standard_normal((B, S, d))
@@ -100,9 +115,12 @@ y_op, _ = layer(x, wq, wk, wv, wo, cos, sin, n_head=H, n_kv_head=H)
 print(f"pieces vs model.attention_forward: max |difference| {np.abs(y_pieces - y_op).max():.1e}")
 assert np.abs(y_pieces - y_op).max() < 1e-14
 
+# %% [markdown]
 # Causality: P is lower triangular (position i gives no weight to j > i), so each output depends
 # only on the inputs up to its own position. Changing the last three tokens leaves the first
 # three outputs bit for bit unchanged.
+
+# %%
 assert np.all(np.triu(P, 1) == 0) and np.allclose(P.sum(axis=-1), 1)
 x_changed = x.copy()
 x_changed[:, 3:] = rng.standard_normal((B, S - 3, d))
@@ -110,14 +128,17 @@ y_changed, _ = layer(x_changed, wq, wk, wv, wo, cos, sin, n_head=H, n_kv_head=H)
 assert np.array_equal(y_changed[:, :3], y_op[:, :3])
 assert not np.allclose(y_changed[:, 3:], y_op[:, 3:])
 
-# ---------------------------------------------------------------------------------------------
-# 3. QK-norm keeps the scores bounded.
+# %% [markdown]
+# ## 3. QK-norm keeps the scores bounded
 #
 # After the gainless RMSNorm, ‖q‖ = ‖k‖ = √hs (up to eps), so by Cauchy–Schwarz
-#     |s_ij| = |q·k| / √hs ≤ ‖q‖‖k‖ / √hs = √hs,
+#
+# $$ |s_{ij}| = \frac{|q \cdot k|}{\sqrt{hs}} \le \frac{\lVert q \rVert \lVert k \rVert}{\sqrt{hs}} = \sqrt{hs}, $$
+#
 # however large the weights grow. Without it, scores scale with the square of the weights and the
 # softmax can collapse onto one key, where its gradient vanishes. Scale all weights by 100:
 
+# %%
 big = [100 * w for w in (wq, wk)]
 qb = rmsnorm.forward(rotary.forward(heads(x @ big[0]), cos, sin)[0], None, eps)[0]
 kb = rmsnorm.forward(rotary.forward(heads(x @ big[1]), cos, sin)[0], None, eps)[0]
@@ -129,15 +150,20 @@ print(f"weights ×100: max |s| with QK-norm {s_normed:.2f} (bound √hs = {hs**0
       f"without {s_raw:.0f}")
 assert s_normed <= hs**0.5 and s_raw > 1000
 
-# ---------------------------------------------------------------------------------------------
-# 4. The backward.
+# %% [markdown]
+# ## 4. The backward
 #
 # Bottom up, with G = ∂L/∂y, each line is the chain rule through one line of the forward:
-#     dY = G W_oᵀ (split into heads),   dW_o = concat(Y)ᵀ G                 (lesson 2)
-#     dP = dY vᵀ,   dv = Pᵀ dY                                              (Y = P v is linear)
-#     ds = P ⊙ (dP − rowsum(dP ⊙ P))                                        softmax
-#     dq = ds k / √hs,   dk = dsᵀ q / √hs                                   (s = q kᵀ/√hs)
-#     then back through N (lesson 4) and RoPE (rotate by −pθ), and dx = dq W_qᵀ + dk W_kᵀ + dv W_vᵀ.
+#
+# $$ dY = G W_o^\top \text{ (split into heads)}, \quad dW_o = \mathrm{concat}(Y)^\top G \qquad \text{(lesson 2)} $$
+#
+# $$ dP = dY v^\top, \quad dv = P^\top dY \qquad (Y = P v \text{ is linear}) $$
+#
+# $$ ds = P \odot (dP - \mathrm{rowsum}(dP \odot P)) \qquad \text{softmax} $$
+#
+# $$ dq = ds\ k / \sqrt{hs}, \quad dk = ds^\top q / \sqrt{hs} \qquad (s = q k^\top / \sqrt{hs}) $$
+#
+# then back through N (lesson 4) and RoPE (rotate by −pθ), and dx = dq W_qᵀ + dk W_kᵀ + dv W_vᵀ.
 #
 # The softmax line comes from its Jacobian. For one row p = softmax(s), ∂p_i/∂s_j = p_i(δ_ij − p_j),
 # i.e. J = diag(p) − p pᵀ, and J dp = p ⊙ dp − p (p·dp) = p ⊙ (dp − p·dp). Masked entries have
@@ -146,13 +172,18 @@ assert s_normed <= hs**0.5 and s_raw > 1000
 #     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
 #
 # Check the softmax line alone against the explicit Jacobian of one row:
+
+# %%
 p_row = P[0, 0, -1]                              # the last position sees all S keys
 dp_row = rng.standard_normal(S)
 J = np.diag(p_row) - np.outer(p_row, p_row)
 ds_row = p_row * (dp_row - (dp_row * p_row).sum())
 assert np.abs(J @ dp_row - ds_row).max() < 1e-15
 
+# %% [markdown]
 # Then the core, Y = softmax(q kᵀ/√hs) v, against finite differences:
+
+# %%
 R = rng.standard_normal(Yh.shape)
 core_in = {"q": qh.copy(), "k": kh.copy(), "v": vh.copy()}
 errors = check_grads(lambda: float((attention.forward(**core_in, scale=1 / hs**0.5)[0] * R).sum()),
@@ -160,12 +191,14 @@ errors = check_grads(lambda: float((attention.forward(**core_in, scale=1 / hs**0
 print("softmax(qkᵀ)v:", {k: f"{v:.1e}" for k, v in errors.items()})
 assert max(errors.values()) < 1e-8
 
+# %% [markdown]
 # And the whole layer, every weight. Here with grouped-query attention: 4 query heads share 2
 # key/value heads (each K/V head's gradient is the sum over the query heads that read it), and with
 # the optional value embedding ve mixed into v through the gate 2σ(x[..., :n_g] W_g).
 # `model.attention_backward` adds the weights' gradients into a dict named like the parameters.
 
 
+# %%
 def layer_backward(dout, state):
     cache, p = state
     grads = {name: np.zeros_like(w) for name, w in p.items()}

@@ -1,21 +1,24 @@
-"""Lesson 7: the looped block. Prelude, recurrence, coda.
+# %% [markdown]
+# # Lesson 7: the looped block. Prelude, recurrence, coda
+#
+# ```bash
+# python lessons/07_looped_block.py
+# ```
+#
+# A transformer gets deeper by stacking more blocks, each with its own weights. A looped transformer
+# gets deeper by running the same blocks again. Parcae splits the model in three:
+#
+#     ids ─wte─▶ prelude (n_p blocks) ─RMSNorm─▶ e                     run once
+#     h_t = R(Ā h_{t−1} + B̄ e),  t = 1..T                                R: n_r blocks, run T times
+#     h_T ─C─▶ coda (n_c blocks) ─RMSNorm─▶ logits = x wteᵀ             run once
+#
+# The prelude turns tokens into e, the input injected at every loop step; the recurrent block R
+# refines a state h for T steps; the coda reads out the final state. This lesson assembles that
+# forward pass from the library's pieces and checks it against model.forward, then counts what the
+# loop costs: the parameters do not grow with T, the FLOPs do, and the activation memory that
+# training keeps grows with the number of steps that are backpropagated, μ_bwd, not with T.
 
-    python lessons/07_looped_block.py
-
-A transformer gets deeper by stacking more blocks, each with its own weights. A looped transformer
-gets deeper by running the same blocks again. Parcae splits the model in three:
-
-    ids ─wte─▶ prelude (n_p blocks) ─RMSNorm─▶ e                     run once
-    h_t = R(Ā h_{t−1} + B̄ e),  t = 1..T                                R: n_r blocks, run T times
-    h_T ─C─▶ coda (n_c blocks) ─RMSNorm─▶ logits = x wteᵀ             run once
-
-The prelude turns tokens into e, the input injected at every loop step; the recurrent block R
-refines a state h for T steps; the coda reads out the final state. This lesson assembles that
-forward pass from the library's pieces and checks it against model.forward, then counts what the
-loop costs: the parameters do not grow with T, the FLOPs do, and the activation memory that
-training keeps grows with the number of steps that are backpropagated, μ_bwd, not with T.
-"""
-
+# %%
 from dataclasses import replace
 
 import numpy as np
@@ -25,12 +28,13 @@ from minparcae.ops import REFERENCE, embedding, injection, rmsnorm, rotary
 
 rng = np.random.default_rng(0)
 
-# ---------------------------------------------------------------------------------------------
-# 1. The parts.
+# %% [markdown]
+# ## 1. The parts
 #
 # A Config describes the whole model; `model.layers` lists its blocks in order and
 # `model.param_shapes` every parameter (the flat dict that is also the checkpoint).
 
+# %%
 cfg = model.Config(vocab_size=64, context=16, d_model=16, n_head=2, n_prelude=1, n_recurrent=2,
                    n_coda=1, mean_recurrence=4, backprop_depth=2)
 print("blocks:", [spec.name for spec in model.layers(cfg)])
@@ -39,13 +43,14 @@ print("injection and read-out:", {k: v for k, v in shapes.items()
                                    if k.startswith(("inject.", "C", "prelude_norm"))})
 assert [spec.name for spec in model.layers(cfg)] == ["prelude.0", "core.0", "core.1", "coda.0"]
 
-# ---------------------------------------------------------------------------------------------
-# 2. The forward pass, assembled by hand.
+# %% [markdown]
+# ## 2. The forward pass, assembled by hand
 #
 # A freshly initialised block is the identity map (its output projections start at zero, so
 # x + attn(·) + mlp(·) = x). To see every part at work, add noise to all parameters, as a little
 # training would.
 
+# %%
 p = {k: v + 0.3 * rng.standard_normal(v.shape)
      for k, v in model.init_params(cfg, seed=0, dtype=np.float64, xp=np).items()}
 B, S, T = 2, 12, 5                           # batch, sequence length, loop steps
@@ -54,20 +59,25 @@ h0 = model.initial_state(cfg, (B, S, cfg.d_h), "seeded", dtype=np.float64)
 # rotary cos/sin tables (lesson 5), by head size; every block here has heads of size d / n_head
 hs = cfg.d_model // cfg.n_head
 rope = {hs: rotary.tables(S, hs, cfg.rope_base, dtype=np.float64)}
-
 # Each attention layer makes q, k and v in one product with [W_q W_k W_v] side by side;
 # model.forward lays those out once per forward (`with_fused_qkv`), and so does this lesson.
 pf = model.with_fused_qkv(p, cfg)
 
+# %% [markdown]
 # Prelude: embed, run the prelude blocks once, normalise. e is fixed for the whole loop.
+
+# %%
 x, _ = embedding.forward(ids, p["wte"])                                  # (B, S, d)
 for i in range(cfg.n_prelude):
     x, _ = model.block_forward(pf, f"prelude.{i}", x, rope, cfg, REFERENCE)
 e, _ = rmsnorm.forward(x, p["prelude_norm"])
 
+# %% [markdown]
 # Recurrence: h_t = R(Ā h_{t−1} + B̄ e). B̄e does not change between steps, so it is computed once
 # (`injection.input_forward`); each step only applies Ā to the state (`injection.state_forward`)
 # and runs the shared blocks, the same parameters "core.0", "core.1" on every step.
+
+# %%
 u, _ = injection.input_forward(cfg.injection, p, e)                      # B̄ e
 h = h0
 for _ in range(T):
@@ -76,8 +86,11 @@ for _ in range(T):
         x, _ = model.block_forward(pf, f"core.{i}", x, rope, cfg, REFERENCE)
     h = x
 
+# %% [markdown]
 # Coda: map the state back to the model width with C, run the coda blocks, read out through the
 # tied embedding.
+
+# %%
 x = h @ p["C"]
 for i in range(cfg.n_coda):
     x, _ = model.block_forward(pf, f"coda.{i}", x, rope, cfg, REFERENCE)
@@ -90,13 +103,16 @@ print(f"by hand vs model.forward at T = {T}: max |difference| "
 assert np.abs(logits_by_hand - logits).max() < 1e-12
 assert diag["steps"] == T
 
+# %% [markdown]
 # The loop count is a run-time argument, not part of the weights: the same parameters give a
 # prediction at any T. (Lesson 10 asks how good it is.)
+
+# %%
 for T_other in (1, 2, 8):
     assert model.forward(p, cfg, ids, n_loops=T_other, h0=h0)[0].shape == logits.shape
 
-# ---------------------------------------------------------------------------------------------
-# 3. Parameters against FLOPs.
+# %% [markdown]
+# ## 3. Parameters against FLOPs
 #
 # Running R T times makes the model as deep as a transformer with n_p + T·n_r + n_c blocks, at the
 # compute of that transformer but with the parameters of one with n_p + n_r + n_c. Compare, at the
@@ -104,6 +120,7 @@ for T_other in (1, 2, 8):
 # (`injection="none"`, n_r·T core blocks). `model.count_params` counts parameters and
 # `model.flops_per_token(cfg, train=False, n_loops=T)` the matrix-multiply FLOPs of one forward.
 
+# %%
 tiny = model.preset("tiny")
 n_core = sum(int(np.prod(s)) for k, s in model.param_shapes(tiny).items() if k.startswith("core."))
 looped_extra = model.count_params(tiny) - model.count_params(model.fixed_depth_baseline(tiny))
@@ -122,11 +139,16 @@ for T in (1, 2, 4, 8, 16):
     # ...while the unrolled model pays for T − 1 more copies of the recurrent block.
     assert n_unroll - n_loop == (T - 1) * n_core - looped_extra
 
+# %% [markdown]
 # Training costs more than a forward: 2 FLOPs per multiply-add forward, 4 backward. Outside the loop
 # every parameter pays 6; the recurrent block pays 2 on each of the μ_rec forward steps and 4 more
 # on each of the μ_bwd steps that are backpropagated (lesson 9):
-#     FLOPs/token ≈ 6·N_outside + 2·N_core·μ_rec + 4·N_core·μ_bwd   (+ attention, counted alike)
+#
+# $$ \text{FLOPs/token} \approx 6 N_{outside} + 2 N_{core} \mu_{rec} + 4 N_{core} \mu_{bwd} \qquad \text{(+ attention, counted alike)} $$
+#
 # So one more backpropagated step costs twice what one more forward step costs:
+
+# %%
 forward_step = (model.flops_per_token(tiny, train=False, n_loops=2)
                 - model.flops_per_token(tiny, train=False, n_loops=1))
 backward_step = (model.flops_per_token(replace(tiny, backprop_depth=3))
@@ -138,8 +160,8 @@ print(f"one loop step: {forward_step / 1e6:.2f} MFLOP/token forward, {backward_s
       f"backward; training with μ_bwd = {tiny.backprop_depth} of μ_rec = {tiny.mean_recurrence} "
       f"costs {saved:.0%} less than backpropagating every step")
 
-# ---------------------------------------------------------------------------------------------
-# 4. Activation memory.
+# %% [markdown]
+# ## 4. Activation memory
 #
 # The backward needs the activations of every op it passes through. minparcae's loop keeps them
 # only for the last μ_bwd steps (truncated backprop through the loop, lesson 9); the steps before
@@ -147,6 +169,7 @@ print(f"one loop step: {forward_step / 1e6:.2f} MFLOP/token forward, {backward_s
 # and not on T. `model.cache_nbytes` adds up the arrays a training forward kept (the parameters
 # are excluded: they are not activations).
 
+# %%
 p32 = model.init_params(cfg, seed=0, dtype=np.float32, xp=np)
 targets = rng.integers(0, cfg.vocab_size, (B, S))
 

@@ -1,25 +1,30 @@
-"""Lesson 8: stability, the loop as a dynamical system.
+# %% [markdown]
+# # Lesson 8: stability, the loop as a dynamical system
+#
+# ```bash
+# python lessons/08_stability.py
+# ```
+#
+# Lesson 7 ran h_t = R(Ā h_{t−1} + B̄ e) for a handful of steps. Nothing in that formula stops h from
+# growing without bound as T grows, and a state that grows from step to step makes training
+# fragile: activations and gradients change scale with the depth (the paper reports loss spikes and
+# divergence; section 4 says what minparcae's own sweep saw). Parcae's answer is to read the loop as
+# a dynamical system
+#
+# $$ h_{t+1} = \bar A h_t + \bar B e + \bar R(h_t, e) $$
+#
+# (R̄ is what the blocks add on top of their input) and to make its linear part stable by
+# construction. This lesson iterates the linear part alone, then the whole model, for the three ways
+# of injecting e that minparcae implements (ops/injection.py), derives the diagonal kind's Ā and B̄,
+# and ends with what training each kind measured:
+#
+# | injection | Ā and B̄ |
+# |---|---|
+# | diagonal (Parcae) | Ā = exp(Δ·A), A = −exp(A_log), Δ = softplus(dt_bias); B̄ = Δ·B (section 3) |
+# | add | Ā = I, B̄ = I: h + e |
+# | linear | Ā = W_h, B̄ = W_e, learned freely: h W_h + e W_e |
 
-    python lessons/08_stability.py
-
-Lesson 7 ran h_t = R(Ā h_{t−1} + B̄ e) for a handful of steps. Nothing in that formula stops h from
-growing without bound as T grows, and a state that grows from step to step makes training
-fragile: activations and gradients change scale with the depth (the paper reports loss spikes and
-divergence; section 4 says what minparcae's own sweep saw). Parcae's answer is to read the loop as
-a dynamical system
-
-    h_{t+1} = Ā h_t + B̄ e + R̄(h_t, e)
-
-(R̄ is what the blocks add on top of their input) and to make its linear part stable by
-construction. This lesson iterates the linear part alone, then the whole model, for the three ways
-of injecting e that minparcae implements (ops/injection.py), derives the diagonal kind's Ā and B̄,
-and ends with what training each kind measured:
-
-    diagonal (Parcae)   Ā = exp(Δ·A), A = −exp(A_log), Δ = softplus(dt_bias);  B̄ = Δ·B (section 3)
-    add                 Ā = I, B̄ = I:  h + e
-    linear              Ā = W_h, B̄ = W_e, learned freely:  h W_h + e W_e
-"""
-
+# %%
 import csv
 from dataclasses import replace
 from pathlib import Path
@@ -31,12 +36,15 @@ from minparcae.ops import injection
 
 rng = np.random.default_rng(0)
 
+# %% [markdown]
 # A small model, one set of block weights shared by all three kinds (with noise added, as in
 # lesson 7, so the blocks are not the identity), and for the linear kind a state matrix W_h where
 # training can take it. It starts as a truncated normal with ρ(W_h) ≈ 0.6 (the official code's
 # initialisation), inside the unit circle, but nothing keeps it there: in the stability sweep of
 # docs/RESULTS.md the highest learning rate carried it to ρ ≈ 17. Here W_h = I + noise of 0.1 per
 # entry, just past the boundary.
+
+# %%
 d = 16
 cfg = model.Config(vocab_size=64, context=16, d_model=d, n_head=2, n_prelude=1, n_recurrent=1,
                    n_coda=1)
@@ -55,13 +63,17 @@ assert 0.3 < rho_init_linear < 1
 W_h_init = params["linear"]["inject.W"][:d].copy()                                # for later
 params["linear"]["inject.W"][:d] = np.eye(d) + 0.1 * rng.standard_normal((d, d))  # W_h = I + noise
 
+# %% [markdown]
 # The spectral radius ρ(Ā), the largest |eigenvalue| of the state map, decides what the linear
 # part does: for ρ < 1 it forgets, for ρ = 1 it remembers everything, for ρ > 1 it amplifies.
 # `injection.spectral_radius(kind, p)` computes it.
+
+# %%
 rho = {kind: injection.spectral_radius(kind, params[kind]) for kind in KINDS}
 print("ρ(Ā):", {kind: round(r, 4) for kind, r in rho.items()})
 assert rho["diagonal"] < 1 and rho["add"] == 1 and rho["linear"] > 1
 
+# %% [markdown]
 # The Parcae paper states its condition with the spectral norm ‖Ā‖₂, the largest singular value,
 # rather than with ρ(Ā). For a diagonal Ā the two are the same number: its eigenvalues are its
 # entries and its singular values their absolute values, so for Parcae's injection the two
@@ -69,6 +81,8 @@ assert rho["diagonal"] < 1 and rho["add"] == 1 and rho["linear"] > 1
 # ρ says where repeated steps end up, ‖M‖₂ bounds how much one step can stretch a state. The linear
 # kind's W_h at initialisation has ρ < 1 and ‖W_h‖₂ > 1: its top singular direction grows in the
 # first step and dies away over many.
+
+# %%
 A_bar_diag = np.diag(injection.diagonal_decay(params["diagonal"]["inject.A_log"],
                                               params["diagonal"]["inject.dt_bias"])[0])
 norm_diag = np.linalg.norm(A_bar_diag, 2)
@@ -83,8 +97,8 @@ assert abs(norm_diag - rho["diagonal"]) < 1e-15
 assert rho_init_linear < 1 < singular[0] and abs(one_step - singular[0]) < 1e-12
 assert many_steps < 1e-6
 
-# ---------------------------------------------------------------------------------------------
-# 1. The linear part alone: h_{t+1} = Ā h_t + B̄ e.
+# %% [markdown]
+# ## 1. The linear part alone: h_{t+1} = Ā h_t + B̄ e
 #
 # Unrolled, h_T = Ā^T h_0 + Σ_{s<T} Ā^s B̄ e. Three behaviours follow.
 #  - ρ(Ā) < 1: Ā^T → 0, and the sum converges: h_T → h* = (I − Ā)⁻¹ B̄ e, whatever h_0 was. Two
@@ -96,6 +110,7 @@ assert many_steps < 1e-6
 # One loop step of the linear part is `injection.state_forward(kind, p, h, u)` with u = B̄e from
 # `injection.input_forward`, exactly what the model runs before the blocks; here without them.
 
+# %%
 e = rng.standard_normal((1, 1, d))
 h0 = rng.standard_normal((1, 1, d))
 delta = 1e-3 * rng.standard_normal((1, 1, d))                 # a small change of the start
@@ -113,6 +128,7 @@ for kind in KINDS:
     linear_part[kind] = (u, h, norms)
     print(f"  {kind:8s}", "  ".join(f"T={t}: {n:.3g}, {dn:.0e}" for t, (n, dn) in norms.items()))
 
+# %%
 # Diagonal: converged to the fixed point, and the two starts have merged (0.447^64 ≈ 4e-23).
 u, h, norms = linear_part["diagonal"]
 A_bar = injection.diagonal_decay(params["diagonal"]["inject.A_log"],
@@ -129,16 +145,19 @@ rate = (norms[128][0] / norms[64][0]) ** (1 / 64)
 print(f"  linear: growth per step {rate:.4f}, ρ = {rho['linear']:.4f}")
 assert abs(rate - rho["linear"]) < 1e-3
 
-# ---------------------------------------------------------------------------------------------
-# 2. The whole loop, blocks included.
+# %% [markdown]
+# ## 2. The whole loop, blocks included
 #
 # Each block is pre-norm: it adds attn(N(x)) and mlp(N(x)) to x, and both read a normalised input,
 # so what a block adds is bounded however large x gets. With ‖R̄‖ ≤ F,
-#     ‖h_{t+1}‖ ≤ ρ ‖h_t‖ + ‖B̄ e‖ + F,
+#
+# $$ \lVert h_{t+1} \rVert \le \rho \lVert h_t \rVert + \lVert \bar B e \rVert + F, $$
+#
 # and for ρ < 1 the state stays below (‖B̄ e‖ + F)/(1 − ρ) at every depth. For ρ = 1 the bound grows
 # by a constant per step, and for ρ > 1 nothing holds it. `model.state_after(p, cfg, ids, T, h0)`
 # runs the model's own loop for T steps and returns h_T; ‖h_T‖ per token, averaged:
 
+# %%
 ids = rng.integers(0, cfg.vocab_size, (2, 12))
 start = model.initial_state(cfg, (2, 12, d), "seeded", dtype=np.float64)
 steps = (1, 4, 16, 32, 64)
@@ -158,16 +177,21 @@ assert grow["diagonal"] < 1.1                  # bounded: it has settled
 assert 1.8 < grow["add"] < 2.2                 # linear growth: twice the steps, twice the norm
 assert grow["linear"] > 1e3                    # exponential growth
 
-# ---------------------------------------------------------------------------------------------
-# 3. Stable by construction: the negative-diagonal, zero-order-hold parameterisation.
+# %% [markdown]
+# ## 3. Stable by construction: the negative-diagonal, zero-order-hold parameterisation
 #
 # Parcae starts from a continuous-time system, dh/dτ = A h + B e, with A diagonal and negative,
 # A = −exp(A_log). Each coordinate decays towards its target: the system is stable for every value
 # of A_log. Hold e constant over a step of length Δ and solve exactly (the "zero-order hold"):
-#     h(τ + Δ) = exp(ΔA) h(τ) + ∫₀^Δ exp(sA) ds · B e = exp(ΔA) h(τ) + A⁻¹(exp(ΔA) − I) B e,
+#
+# $$ h(\tau + \Delta) = \exp(\Delta A) h(\tau) + \int_0^\Delta \exp(sA) ds \cdot B e = \exp(\Delta A) h(\tau) + A^{-1}(\exp(\Delta A) - I) B e, $$
+#
 # which is h ← Ā h + B̄ e with
-#     Ā = exp(Δ·A) = exp(−Δ·exp(A_log)),      Δ = softplus(dt_bias) > 0,
-#     B̄ = (ΔA)⁻¹(exp(ΔA) − I)·ΔB = A⁻¹(Ā − I) B.
+#
+# $$ \bar A = \exp(\Delta A) = \exp(-\Delta \exp(A_\text{log})), \qquad \Delta = \mathrm{softplus}(\mathrm{dt}_\text{bias}) > 0, $$
+#
+# $$ \bar B = (\Delta A)^{-1}(\exp(\Delta A) - I) \cdot \Delta B = A^{-1}(\bar A - I) B. $$
+#
 # Every entry of Ā is exp of a negative number, so it lies in (0, 1): ρ(Ā) < 1 for *every* value
 # of A_log and dt_bias, and no gradient step can leave that set. `injection.diagonal_decay` in
 # `minparcae/ops/injection.py` computes Ā with the rate Δ·a it comes from (a = exp(A_log)):
@@ -178,11 +202,13 @@ assert grow["linear"] > 1e3                    # exponential growth
 # At initialisation A_log = 0 and dt_bias = softplus⁻¹(ln √5), so Δ = ln √5 ≈ 0.805 and
 # Ā = exp(−Δ) = √(1/5) ≈ 0.447 in every coordinate.
 
+# %%
 p_init = model.init_params(cfg, seed=0, dtype=np.float64, xp=np)
 A_bar, Delta, a = injection.diagonal_decay(p_init["inject.A_log"], p_init["inject.dt_bias"])
 print(f"\nat initialisation: Δ = {Delta[0]:.4f}, Ā = {A_bar[0]:.4f} (√(1/5) = {np.sqrt(0.2):.4f})")
 assert np.allclose(A_bar, np.sqrt(0.2)) and np.allclose(Delta, np.log(np.sqrt(5)))
 
+# %% [markdown]
 # The input term is another matter. minparcae, like the official Parcae code, keeps the exact Ā but
 # not the exact B̄: it takes B̄ = Δ·B, the first-order (Euler) rule, which treats exp(sA) as I over
 # the step. `input_forward` in `minparcae/ops/injection.py`:
@@ -197,6 +223,8 @@ assert np.allclose(A_bar, np.sqrt(0.2)) and np.allclose(Delta, np.log(np.sqrt(5)
 # is Δ/(1 − e^(−r)) · B e, which grows with Δ. Check the factor, then both B̄ against the
 # differential equation itself, integrated over one step with 1000 Runge–Kutta substeps at random
 # parameters, then the fixed points:
+
+# %%
 factor = (1 - A_bar) / (Delta * a)                # exact B̄ / (Δ·B) at initialisation
 zoh_rng = np.random.default_rng(1)
 p_ode = {"inject.A_log": zoh_rng.uniform(-1, 1, d), "inject.dt_bias": zoh_rng.uniform(-1, 1, d),
@@ -238,9 +266,12 @@ for dt_bias in (-1.0, 2.0):
     euler_offsets.append(rest["Δ·B"])
 assert euler_offsets[1] > euler_offsets[0]        # Δ·B's resting point moves away as Δ grows
 
+# %% [markdown]
 # Now perturb the injection parameters at random, 1000 times, by amounts far beyond any training
 # step, and compare with the same experiment on the linear kind's W_h near the boundary, at I
 # (where the additive kind sits for good).
+
+# %%
 trials = 1000
 radius_diag = [injection.spectral_radius("diagonal", {
     "inject.A_log": rng.uniform(-8, 8, d), "inject.dt_bias": rng.uniform(-8, 8, d)})
@@ -258,13 +289,14 @@ assert max(radius_diag) < 1
 # exp(−Δ·a) then rounds to exactly 1.0: never above it.)
 assert share_unstable > 0.95
 
+# %% [markdown]
 # The additive kind sits exactly on the boundary ρ = 1. The linear kind starts inside it but is
 # free to move, and once training brings W_h near the boundary almost every small change pushes
 # its largest eigenvalue outside the unit circle, and then the loop amplifies, as in sections 1
 # and 2. The diagonal kind cannot get there: that is the whole stability argument.
 
-# ---------------------------------------------------------------------------------------------
-# 4. What it bought in training.
+# %% [markdown]
+# ## 4. What it bought in training
 #
 # The paper reports that the diagonal injection trains at learning rates where the other two
 # diverge. minparcae's stability sweep (docs/RESULTS.md, section 1: one small model per kind, peak
@@ -278,6 +310,7 @@ assert share_unstable > 0.95
 # diagonal one, within 0.06 nats either way, and the linear kind 0.1-0.2 nats behind. The table is
 # the sweep's own record (docs/results/stability/runs.csv, with clipping), averaged over the seeds:
 
+# %%
 UNIGRAM = 6.56                                    # docs/RESULTS.md: the unigram baseline
 results = Path(__file__).resolve().parent.parent / "docs" / "results"
 sweep = {}

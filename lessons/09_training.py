@@ -1,15 +1,18 @@
-"""Lesson 9: training a looped model.
+# %% [markdown]
+# # Lesson 9: training a looped model
+#
+# ```bash
+# python lessons/09_training.py
+# ```
+#
+# Training a looped model asks two questions a plain transformer never faces: how many loop steps
+# to run, and how far back through them to propagate the gradient. Parcae's answers: draw the depth
+# at random for every sequence (so the model learns to work at many depths), and backpropagate only
+# through the last μ_bwd steps (so memory stays bounded). This lesson checks what the truncated
+# gradient is the exact gradient of, measures what it saves, and then trains a small model on real
+# text and watches the loss fall.
 
-    python lessons/09_training.py
-
-Training a looped model asks two questions a plain transformer never faces: how many loop steps
-to run, and how far back through them to propagate the gradient. Parcae's answers: draw the depth
-at random for every sequence (so the model learns to work at many depths), and backpropagate only
-through the last μ_bwd steps (so memory stays bounded). This lesson checks what the truncated
-gradient is the exact gradient of, measures what it saves, and then trains a small model on real
-text and watches the loss fall.
-"""
-
+# %%
 import tempfile
 from dataclasses import replace
 
@@ -21,17 +24,20 @@ from minparcae.gradcheck import check_grads, rel_error
 
 rng = np.random.default_rng(0)
 
-# ---------------------------------------------------------------------------------------------
-# 1. Depth sampling.
+# %% [markdown]
+# ## 1. Depth sampling
 #
 # Each training sequence runs its own number of loop steps,
-#     total = max(1, Poisson(μ_rec)),
+#
+# $$ \text{total} = \max(1, \mathrm{Poisson}(\mu_{rec})), $$
+#
 # of which the last k = min(total, μ_bwd) keep activations for the backward and the first
 # total − k run forward only. `model.sample_depths` draws the totals. The Poisson distribution
 # puts most sequences near μ_rec and some far from it on both sides, which is what later lets the
 # same weights be run at other depths (lesson 10). Its mean is μ_rec, and clamping the zeros to 1
 # adds P(0) = e^(−μ_rec):
 
+# %%
 cfg = model.Config(vocab_size=64, context=16, d_model=16, n_head=2, n_prelude=1, n_recurrent=1,
                    n_coda=1, mean_recurrence=4, backprop_depth=2)
 depths = model.sample_depths(np.random.default_rng(0), 100_000, cfg)
@@ -46,11 +52,14 @@ print(f"mean depth {depths.mean():.3f} (μ_rec + e^−μ_rec = {mu + np.exp(-mu)
 assert abs(depths.mean() - (mu + np.exp(-mu))) < 0.02
 assert k.max() == cfg.backprop_depth and np.all(depths - k >= 0)
 
+# %% [markdown]
 # A batch mixes depths. `model.forward(..., depths=...)` runs T = max(total) loop steps and
 # right-aligns the sequences: sequence b joins at step T − total_b and keeps its initial state
 # until then, so every sequence computes exactly its own recurrence, and the steps with gradient
 # of all sequences fall in the batch's last μ_bwd steps. Check: a batch with depths (2, 5) gives
 # the same loss as the two sequences run alone, each at its own depth.
+
+# %%
 p = {key: v + 0.3 * rng.standard_normal(v.shape)          # noise, so that no block is the identity
      for key, v in model.init_params(cfg, seed=0, dtype=np.float64, xp=np).items()}
 ids = rng.integers(0, cfg.vocab_size, (2, 10))
@@ -62,20 +71,25 @@ alone = [model.forward(p, cfg, ids[b:b + 1], targets[b:b + 1], n_loops=n, h0=h0[
 print(f"batch with depths (2, 5): loss {both:.12f}, mean of the two alone {np.mean(alone):.12f}")
 assert diag["steps"] == 5 and abs(both - np.mean(alone)) < 1e-12
 
-# ---------------------------------------------------------------------------------------------
-# 2. Truncated backprop through the loop: what gradient is it?
+# %% [markdown]
+# ## 2. Truncated backprop through the loop: what gradient is it?
 #
 # Run T steps, the last k of them with gradient. `model.backward` walks back through those k
 # steps and stops: the gradient that would flow into h_{T−k}, and from there into the parameters
 # through the first T − k steps, is dropped. That is not an approximation of an unknown quantity;
 # it is the exact gradient of a slightly different function. Freeze the state after T − k steps as
 # a constant,
-#     h_frozen = h_{T−k}(θ₀)         (computed once, at the current parameters θ₀),
+#
+# $$ h_{frozen} = h_{T-k}(\theta_0) \qquad \text{(computed once, at the current parameters } \theta_0 \text{)}, $$
+#
 # and run the remaining k steps and the coda from it:
-#     L_trunc(θ) = loss of the model started at h_frozen and looped k times.
+#
+# $$ L_{trunc}(\theta) = \text{loss of the model started at } h_{frozen} \text{ and looped } k \text{ times.} $$
+#
 # L_trunc(θ₀) equals the real loss, and its gradient is what the truncated backward computes. The
 # check below perturbs every parameter (prelude, injection, loop, coda, embedding) and compares.
 
+# %%
 T, k = 5, cfg.backprop_depth
 loss, cache, _ = model.forward(p, cfg, ids, targets, n_loops=T, h0=h0, train=True)
 grads = model.backward(p, cfg, cache)
@@ -93,9 +107,12 @@ print(f"\ntruncated gradient vs finite differences of L_trunc, over {len(errors)
 # (Rounding alone reaches ~1e-6 on a tensor whose gradient is tiny; a wrong gradient gives O(1).)
 assert max(errors.values()) < 1e-5
 
+# %% [markdown]
 # The real loss depends on the parameters through the first T − k steps too, so its gradient is
 # different. Backpropagating through all T steps (μ_bwd = T) gives that full gradient; the two
 # agree where the loop plays no part (the coda runs after it) and differ inside the loop.
+
+# %%
 _, cache_full, _ = model.forward(p, replace(cfg, backprop_depth=T), ids, targets, n_loops=T, h0=h0,
                                  train=True)
 full = model.backward(p, cfg, cache_full)
@@ -105,12 +122,14 @@ for name in ("coda.0.mlp.fc", "core.0.attn.wq", "inject.A_log"):
 assert rel_error(grads["coda.0.mlp.fc"], full["coda.0.mlp.fc"]) < 1e-12
 assert rel_error(grads["core.0.attn.wq"], full["core.0.attn.wq"]) > 1e-3
 
-# ---------------------------------------------------------------------------------------------
-# 3. What truncation saves.
+# %% [markdown]
+# ## 3. What truncation saves
 #
 # Full backprop keeps activations for every step, so its memory grows with the deepest sequence of
 # the batch; truncated backprop keeps μ_bwd steps, whatever the depths (lesson 7 measured this per
 # step). With sampled depths a batch of 16 routinely reaches twice μ_rec:
+
+# %%
 ids16 = rng.integers(0, cfg.vocab_size, (16, 16))
 targets16 = rng.integers(0, cfg.vocab_size, (16, 16))
 p32 = model.init_params(cfg, seed=0, dtype=np.float32, xp=np)
@@ -125,8 +144,8 @@ for name, c in (("truncated", cfg), ("full", replace(cfg, backprop_depth=deepest
           f"steps kept, {nbytes[name]:,} bytes of activations in all")
 assert deepest > cfg.backprop_depth and nbytes["full"] > nbytes["truncated"]
 
-# ---------------------------------------------------------------------------------------------
-# 4. A real training run.
+# %% [markdown]
+# ## 4. A real training run
 #
 # Data: a few modules of Python's standard library, tokenised by a byte-level BPE of 384 ids
 # trained on them (`data.prepare_data`, cached in a temporary folder). Model: width 32, context
@@ -144,6 +163,7 @@ assert deepest > cfg.backprop_depth and nbytes["full"] > nbytes["truncated"]
 # model that ignores context, the unigram distribution (`data.unigram_entropy`), pays less. A model
 # that reads its context must beat both.
 
+# %%
 with tempfile.TemporaryDirectory() as tmp:
     dataset = small_corpus(tmp, vocab_size=384)
     V = dataset.tokenizer.vocab_size

@@ -1,20 +1,23 @@
-"""Lesson 10: test-time looping. Loss against loop count, and its ceiling.
+# %% [markdown]
+# # Lesson 10: test-time looping. Loss against loop count, and its ceiling
+#
+# ```bash
+# python lessons/10_test_time_looping.py
+# ```
+#
+# A looped model's depth is a number chosen when it runs, not when it is built (lesson 7). Trained
+# with depths drawn around μ_rec (lesson 9), the same weights can be run with fewer loops, to save
+# compute, or with more. How does the loss depend on T? The Parcae paper finds a saturating
+# exponential,
+#
+# $$ L(T) = L_\infty + Z e^{-zT}, $$
+#
+# that improves quickly at first and flattens near the training depth μ_rec: looping longer than
+# the model was trained for does not make it better. This lesson writes the small least-squares fit
+# for that law, checks it on synthetic data, then trains small models at three training depths and
+# watches where each one's curve bottoms out.
 
-    python lessons/10_test_time_looping.py
-
-A looped model's depth is a number chosen when it runs, not when it is built (lesson 7). Trained
-with depths drawn around μ_rec (lesson 9), the same weights can be run with fewer loops, to save
-compute, or with more. How does the loss depend on T? The Parcae paper finds a saturating
-exponential,
-
-    L(T) = L∞ + Z·e^(−zT),
-
-that improves quickly at first and flattens near the training depth μ_rec: looping longer than
-the model was trained for does not make it better. This lesson writes the small least-squares fit
-for that law, checks it on synthetic data, then trains small models at three training depths and
-watches where each one's curve bottoms out.
-"""
-
+# %%
 import tempfile
 import time
 from dataclasses import replace
@@ -24,15 +27,15 @@ import numpy as np
 
 from minparcae import data, model
 
-
-# ---------------------------------------------------------------------------------------------
-# 1. Fitting L(T) = L∞ + Z·e^(−zT).
+# %% [markdown]
+# ## 1. Fitting L(T) = L∞ + Z·e^(−zT)
 #
 # Three parameters, but only one enters non-linearly. For a fixed decay rate z the model is linear
 # in (L∞, Z): with the design matrix X = [1, e^(−zT)] (one row per measured T), the best (L∞, Z) is
 # an ordinary least-squares solve. So scan z over a grid, solve the linear problem for each, and
 # keep the z with the smallest squared error.
 
+# %%
 Z_GRID = np.arange(1, 1001) / 200          # z = 0.005, 0.010, ..., 5.000
 
 
@@ -53,8 +56,11 @@ def saturating(T, L_inf, Z, z):
     return L_inf + Z * np.exp(-z * np.asarray(T, dtype=np.float64))
 
 
+# %% [markdown]
 # Check on synthetic data: when the true z lies on the grid the fit recovers all three parameters
 # to rounding; when it lies between grid points, to within the grid spacing.
+
+# %%
 T_syn = np.arange(1, 13)
 truth = (3.2, 1.5, 0.7)                                      # 0.7 = 140/200 is on the grid
 fitted = fit_saturating(T_syn, saturating(T_syn, *truth))
@@ -67,8 +73,8 @@ print("synthetic, z off the grid: true (L∞, Z, z) =", off_grid, " fitted =",
       tuple(round(float(v), 4) for v in fitted))
 assert abs(fitted[2] - off_grid[2]) <= 0.0025 and abs(fitted[0] - off_grid[0]) < 1e-3
 
-# ---------------------------------------------------------------------------------------------
-# 2. Measuring L(T).
+# %% [markdown]
+# ## 2. Measuring L(T)
 #
 # Train small looped models briefly on real text, the recipe of lesson 9, at three training depths,
 # μ_rec = 2, 4 and 8, each backpropagating through half of its mean depth (μ_bwd = μ_rec/2, the
@@ -79,6 +85,7 @@ assert abs(fitted[2] - off_grid[2]) <= 0.0025 and abs(fitted[0] - off_grid[0]) <
 # (Put one prelude and one coda block around the loop, n_prelude=1 and n_coda=1, and the same short
 # training gives a nearly flat curve: try it.)
 
+# %%
 MU_RECS = (2, 4, 8)
 with tempfile.TemporaryDirectory() as tmp:
     dataset = small_corpus(tmp, vocab_size=384)
@@ -97,11 +104,13 @@ with tempfile.TemporaryDirectory() as tmp:
         print(f"trained at μ_rec = {mu} (μ_bwd = {mu // 2}), evaluated at T = 1..{3 * mu}: "
               f"{time.perf_counter() - started:.0f} s")
 
+# %% [markdown]
 # The fit, on the μ_rec = 4 curve first. How good is it? The whole effect of looping is the gap
 # between one loop and the ceiling, L(1) − L∞: a few hundredths of a nat here, about 1% of the loss
 # itself. So the fit's error is measured against that gap. Measured against L (≈ 3.8), any curve
 # at the right level looks accurate: a flat line through the mean loss is off by under 1% of L.
 
+# %%
 mu = 4
 L = curves[mu]
 T_eval = np.arange(1, len(L) + 1)
@@ -119,14 +128,20 @@ print(f"mean |fitted − measured| = {err:.1e} nats, {err / effect:.1%} of the e
       f"L(1) − L∞ = {effect:.4f}; a flat line's: {flat_err / effect:.0%} of it")
 print(f"(the same two errors relative to L: {err / L.mean():.0e} and {flat_err / L.mean():.0e})")
 
+# %% [markdown]
 # The law describes the measurements to within 2% of the effect, where the flat line misses by over
 # 10% (and yet by under 1% of L); and the loop helps: more loops, lower loss (Z > 0).
+
+# %%
 assert err < 0.02 * effect and flat_err > 0.1 * effect and flat_err < 0.01 * L.mean()
 assert Z > 0 and L[mu - 1] < L[0]
 
+# %% [markdown]
 # The μ_rec = 8 curve follows the law as closely. (At μ_rec = 2 the whole gain from looping is a few
 # thousandths of a nat, and past its best the curve turns back up by a sizeable part of that gain,
 # section 3; the law can only fall and flatten, so it is not fitted there.)
+
+# %%
 L8 = curves[8]
 T8 = np.arange(1, len(L8) + 1)
 fit8 = fit_saturating(T8, L8)
@@ -136,14 +151,15 @@ print(f"μ_rec = 8: L∞ = {fit8[0]:.4f}, z = {fit8[2]:.3f}; mean |fitted − me
       f"{err8 / effect8:.1%} of the effect L(1) − L∞ = {effect8:.4f}")
 assert err8 < 0.02 * effect8
 
-# ---------------------------------------------------------------------------------------------
-# 3. The ceiling, and how training depth moves it.
+# %% [markdown]
+# ## 3. The ceiling, and how training depth moves it
 #
 # The fit says how fast the returns run out: after T loops the part of the gain still to come is
 # e^(−zT). For the μ_rec = 4 model, the loss at μ_rec is already within a small fraction of L∞, and
 # three times as many loops buy almost nothing: whatever the model learned to do in its loop, it
 # learned to do in about μ_rec steps, and L∞ is the ceiling that training set.
 
+# %%
 remaining = np.exp(-z * mu)
 gain_to_mu = L[0] - L[mu - 1]
 gain_after_mu = L[mu - 1] - L[-1]
@@ -153,6 +169,7 @@ print(f"loss gained from T = 1 to μ_rec: {gain_to_mu:.4f}; "
 assert remaining < 0.05
 assert gain_after_mu < 0.1 * gain_to_mu
 
+# %% [markdown]
 # Where each curve bottoms out moves with the depth it was trained at. The table puts the three side
 # by side, each to 3μ_rec, with its lowest loss starred. Trained at μ_rec = 2, the model is best
 # after a loop or two and gets worse when looped further; at μ_rec = 4 the floor comes a few loops
@@ -160,6 +177,7 @@ assert gain_after_mu < 0.1 * gain_to_mu
 # by under 0.002 nats, so its minimum can fall anywhere on that floor). Train with another `seed`
 # and the digits move, the μ_rec = 8 minimum most: the order is what to look for.
 
+# %%
 best_T = {mu: int(np.argmin(c)) + 1 for mu, c in curves.items()}
 print("\n   T" + "".join(f"   μ_rec = {mu}" for mu in MU_RECS))
 for T in range(1, 3 * max(MU_RECS) + 1):
@@ -177,11 +195,14 @@ assert rise > 0.2 * (L2[0] - L2.min())
 print(f"μ_rec = 8, from T = 8 on: the loss moves within {np.ptp(L8[7:]):.4f}")
 assert np.ptp(L8[7:]) < 0.002
 
+# %% [markdown]
 # The deeper-trained model also settles lower, and leans harder on its loop: run with a single loop
 # it is the worst of the three. It paid for that in training: more loop steps per token, forward
 # and backward (`model.flops_per_token`). Whether deeper loops pay at matched compute is another
 # experiment: docs/RESULTS.md's isoFLOP sweep gives each μ_rec the same training FLOPs, and at its
 # scale μ_rec = 1 came out best in every seed.
+
+# %%
 lowest = {mu: c.min() for mu, c in curves.items()}
 print("lowest loss:", ", ".join(f"{lowest[mu]:.4f} (μ_rec = {mu})" for mu in MU_RECS)
       + "; at T = 1:", ", ".join(f"{curves[mu][0]:.4f}" for mu in MU_RECS))

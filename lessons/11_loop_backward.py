@@ -1,25 +1,30 @@
-"""Lesson 11: backprop through the loop, by hand.
+# %% [markdown]
+# # Lesson 11: backprop through the loop, by hand
+#
+# ```bash
+# python lessons/11_loop_backward.py
+# ```
+#
+# Lessons 2 to 5 wrote the backward of each op; lesson 7 assembled the forward of the looped model
+# from them; lesson 9 used `model.backward` as a black box and found that truncating it is exact for
+# a frozen-state loss. This lesson opens the box. It writes the backward of the loop
+#
+# $$ u = \bar B e = \Delta \odot (e B) \qquad \text{once, before the loop} $$
+#
+# $$ x_t = \bar A \odot h_{t-1} + u \qquad t = 1..T \text{, the injection} $$
+#
+# $$ h_t = R(x_t) \qquad R \text{: } n_r \text{ blocks, the same weights at every step} $$
+#
+# from the ops' backward functions, checks it against `model.backward` and against finite
+# differences, and then uses it to see why backpropagating through only the last few steps, as
+# training does, loses so little: the gradient that flows back along the state is multiplied by Ā
+# (and by the blocks' Jacobian) at every step, so an early step's share of the gradient shrinks
+# about like ρ(Ā)^j with its distance j from the end.
+#
+# Notation: ℓ is the loss, G_t = ∂ℓ/∂h_t the gradient that reaches the state after step t, T the
+# number of loop steps, S the sequence length.
 
-    python lessons/11_loop_backward.py
-
-Lessons 2 to 5 wrote the backward of each op; lesson 7 assembled the forward of the looped model
-from them; lesson 9 used `model.backward` as a black box and found that truncating it is exact for
-a frozen-state loss. This lesson opens the box. It writes the backward of the loop
-
-    u = B̄ e = Δ ⊙ (e B)               once, before the loop
-    x_t = Ā ⊙ h_{t−1} + u              t = 1..T, the injection
-    h_t = R(x_t)                       R: n_r blocks, the same weights at every step
-
-from the ops' backward functions, checks it against `model.backward` and against finite
-differences, and then uses it to see why backpropagating through only the last few steps, as
-training does, loses so little: the gradient that flows back along the state is multiplied by Ā
-(and by the blocks' Jacobian) at every step, so an early step's share of the gradient shrinks
-about like ρ(Ā)^j with its distance j from the end.
-
-Notation: ℓ is the loss, G_t = ∂ℓ/∂h_t the gradient that reaches the state after step t, T the
-number of loop steps, S the sequence length.
-"""
-
+# %%
 from dataclasses import replace
 
 import numpy as np
@@ -31,10 +36,13 @@ from minparcae.ops.linear import rows_matmul, rows_t_matmul
 
 rng = np.random.default_rng(0)
 
+# %% [markdown]
 # A small model in float64, with two blocks in the loop so that R is a composition. Small noise
 # on every parameter plays the part of a little training: at initialisation each block is the
 # identity (its output projections are zero), the weights inside it get no gradient, and A_log and
 # dt_bias are the same in every coordinate, none of which would test a backward.
+
+# %%
 cfg = model.Config(vocab_size=64, context=16, d_model=16, n_head=2, n_prelude=1, n_recurrent=2,
                    n_coda=1)
 d = cfg.d_model
@@ -46,28 +54,34 @@ targets = rng.integers(0, cfg.vocab_size, (B, S))
 h0 = model.initial_state(cfg, (B, S, cfg.d_h), "seeded", dtype=np.float64)
 cfg_full = replace(cfg, backprop_depth=T)  # μ_bwd = T: every loop step keeps its activations
 
-# ---------------------------------------------------------------------------------------------
-# 1. The loop's backward, derived.
+# %% [markdown]
+# ## 1. The loop's backward, derived
 #
 # Walk the forward backwards. The coda hands us G_T. At step t, going back:
 #
-#   through R:      G^x_t = ∂ℓ/∂x_t = (∂R/∂x)ᵀ G_t, by the blocks' backward (`model.block_backward`,
-#                   lessons 2 to 5), which also produces this step's gradient of the blocks'
-#                   weights. The weights are shared by all steps, so their gradient is the sum
-#                   of the steps' gradients.
-#   through x_t = Ā ⊙ h_{t−1} + u, a product and a sum:
-#                   G_{t−1} = Ā ⊙ G^x_t                      the state path: one factor Ā per step
-#                   ∂ℓ/∂Ā  += Σ_{rows} G^x_t ⊙ h_{t−1}        Ā is shared too: summed over steps
-#                   ∂ℓ/∂u  += G^x_t                          u is the same array at every step
+# - through R: G^x_t = ∂ℓ/∂x_t = (∂R/∂x)ᵀ G_t, by the blocks' backward (`model.block_backward`,
+#   lessons 2 to 5), which also produces this step's gradient of the blocks' weights. The weights
+#   are shared by all steps, so their gradient is the sum of the steps' gradients.
+# - through x_t = Ā ⊙ h_{t−1} + u, a product and a sum:
+#
+# $$ G_{t-1} = \bar A \odot G^x_t \qquad \text{the state path: one factor } \bar A \text{ per step} $$
+#
+# $$ \frac{\partial \ell}{\partial \bar A} \mathrel{+}= \sum_\text{rows} G^x_t \odot h_{t-1} \qquad \bar A \text{ is shared too: summed over steps} $$
+#
+# $$ \frac{\partial \ell}{\partial u} \mathrel{+}= G^x_t \qquad u \text{ is the same array at every step} $$
 #
 # After the last step back, Ā and u are each used once, as parameters of the whole loop:
 #
-#   Ā = exp(−Δ a), a = exp(A_log), Δ = softplus(dt_bias):
-#                   ∂ℓ/∂A_log   = ∂ℓ/∂Ā ⊙ (−Ā Δ a)           (∂a/∂A_log = a)
-#                   ∂ℓ/∂Δ |_Ā   = ∂ℓ/∂Ā ⊙ (−Ā a)
-#   u = Δ ⊙ (e B):  one call of `injection.input_backward(∂ℓ/∂u)` gives ∂ℓ/∂e, ∂ℓ/∂B and the
-#                   part of ∂ℓ/∂dt_bias that comes through B̄ (Δ is in both Ā and B̄).
-#                   ∂ℓ/∂dt_bias = (∂ℓ/∂Δ |_Ā + ∂ℓ/∂Δ |_B̄) ⊙ σ(dt_bias)     (softplus' = sigmoid)
+# - Ā = exp(−Δ a), a = exp(A_log), Δ = softplus(dt_bias):
+#
+# $$ \frac{\partial \ell}{\partial A_\text{log}} = \frac{\partial \ell}{\partial \bar A} \odot (-\bar A \Delta a) \qquad (\partial a / \partial A_\text{log} = a) $$
+#
+# $$ \left.\frac{\partial \ell}{\partial \Delta}\right|_{\bar A} = \frac{\partial \ell}{\partial \bar A} \odot (-\bar A a) $$
+#
+# - u = Δ ⊙ (e B): one call of `injection.input_backward(∂ℓ/∂u)` gives ∂ℓ/∂e, ∂ℓ/∂B and the part
+#   of ∂ℓ/∂dt_bias that comes through B̄ (Δ is in both Ā and B̄).
+#
+# $$ \frac{\partial \ell}{\partial \mathrm{dt}_\text{bias}} = \left( \left.\frac{\partial \ell}{\partial \Delta}\right|_{\bar A} + \left.\frac{\partial \ell}{\partial \Delta}\right|_{\bar B} \right) \odot \sigma(\mathrm{dt}_\text{bias}) \qquad (\text{softplus}' = \text{sigmoid}) $$
 #
 # Summing ∂ℓ/∂Ā over the steps and applying the chain rule through Ā once is the same as applying
 # it at every step and summing (the chain rule is linear in ∂ℓ/∂Ā); `injection.state_backward`,
@@ -79,6 +93,7 @@ cfg_full = replace(cfg, backprop_depth=T)  # μ_bwd = T: every loop step keeps i
 # dropped in the same way (section 4).
 
 
+# %%
 def loop_backward(p, cfg, cache, dh):
     """Backprop G_T = dh (B, S, d_h) through the cached loop steps of the diagonal injection.
 
@@ -113,8 +128,8 @@ def loop_backward(p, cfg, cache, dh):
     return grads, gi["e"], trace
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. The whole model's backward around it, and the check against model.backward.
+# %% [markdown]
+# ## 2. The whole model's backward around it, and the check against model.backward
 #
 # Before the loop in the backward comes everything after it in the forward: the loss, the tied
 # read-out logits = x wteᵀ, the final norm, the coda blocks and C, which together give G_T. After
@@ -122,6 +137,7 @@ def loop_backward(p, cfg, cache, dh):
 # one op's backward; the gradients of wte from the read-out and from the embedding add up.
 
 
+# %%
 def backward_by_hand(p, cfg, cache):
     ops = cache.ops
     grads = {k: np.zeros_like(v) for k, v in p.items()}
@@ -162,8 +178,8 @@ print(f"  worst of all {len(errors)} tensors: {worst} {errors[worst]:.1e}")
 assert max(errors.values()) < 1e-10
 assert all(np.abs(ref[k]).max() > 0 for k in p)           # and no gradient is trivially zero
 
-# ---------------------------------------------------------------------------------------------
-# 3. Against finite differences.
+# %% [markdown]
+# ## 3. Against finite differences
 #
 # model.backward could share a mistake with the lesson (they call the same block backward), so
 # check against the loss itself: central differences (lesson 2) of model.forward's loss, with the
@@ -172,6 +188,7 @@ assert all(np.abs(ref[k]).max() > 0 for k in p)           # and no gradient is t
 # size. Allow 1e-6: a wrong gradient is off by O(1).
 
 
+# %%
 def loss_fn():
     return model.forward(p, cfg, ids, targets, n_loops=T, h0=h0)[0]
 
@@ -184,11 +201,13 @@ for k, err in fd.items():
     print(f"  {k:18s} {err:.1e}")
 assert max(fd.values()) < 1e-6
 
-# ---------------------------------------------------------------------------------------------
-# 4. What flows back along the state.
+# %% [markdown]
+# ## 4. What flows back along the state
 #
 # Unrolled, the gradient that reaches the state j steps before the end is
-#     G_{T−j} = Ā ⊙ J_{T−j+1}ᵀ(Ā ⊙ J_{T−j+2}ᵀ( ... Ā ⊙ J_Tᵀ G_T))
+#
+# $$ G_{T-j} = \bar A \odot J_{T-j+1}^\top (\bar A \odot J_{T-j+2}^\top ( \dots \bar A \odot J_T^\top G_T)) $$
+#
 # where J_t = ∂R/∂x at x_t is the blocks' Jacobian. Each block is x + (what it adds), so J_t is the
 # identity plus something, and if the blocks add little, G_{T−j} ≈ Ā^j ⊙ G_T, which is at most
 # ρ(Ā)^j ‖G_T‖ in size (ρ(Ā) = max Ā). Step t's share c_t of the core gradient is made from G_t, so
@@ -196,6 +215,7 @@ assert max(fd.values()) < 1e-6
 # here (the noise moved A_log and dt_bias): the smaller ones die out first, and after a few steps
 # the largest, ρ(Ā), sets the pace.
 
+# %%
 rho = diag["rho"]
 G_norm = np.array([np.linalg.norm(G) for G, _ in trace])
 share = np.array([np.sqrt(sum((g ** 2).sum() for g in g_step.values())) for _, g_step in trace])
@@ -212,9 +232,12 @@ A_bar = injection.diagonal_decay(p["inject.A_log"], p["inject.dt_bias"])[0]
 print(f"mean factor per step back {per_step:.3f}; Ā from {A_bar.min():.3f} to ρ(Ā) = {rho:.3f}")
 assert abs(per_step / rho - 1) < 0.2
 
+# %% [markdown]
 # Truncated backprop (μ_bwd = k) walks only the last k steps with the same G_T, so its core
 # gradient is the sum of the last k shares and nothing else. Check against model.backward run
 # with μ_bwd = k, and against the lesson's own per-step shares:
+
+# %%
 for k in (1, 4):
     _, cache_k, _ = model.forward(p, replace(cfg, backprop_depth=k), ids, targets, n_loops=T,
                                   h0=h0, train=True)
@@ -224,15 +247,19 @@ for k in (1, 4):
     print(f"μ_bwd = {k}: the last {k} shares summed vs model.backward, worst core tensor {err:.1e}")
     assert err < 1e-10
 
-# ---------------------------------------------------------------------------------------------
-# 5. Why truncation works, and when it does not.
+# %% [markdown]
+# ## 5. Why truncation works, and when it does not
 #
 # The part truncation drops is the sum of the early shares. If every share were ρ^j times the
 # last one, dropping all but the last k would leave a relative error of about
-#     (ρ^k − ρ^T) / (1 − ρ^T)  ≈  ρ^k,
+#
+# $$ \frac{\rho^k - \rho^T}{1 - \rho^T} \approx \rho^k, $$
+#
 # so the error should fall geometrically with k, and faster for a smaller ρ(Ā). Measure it: for
 # each injection, the core gradient g_k with μ_bwd = k against the full g_T, as
-#     err(k) = ‖g_k − g_T‖₂ / ‖g_T‖₂     over all core tensors together,
+#
+# $$ \mathrm{err}(k) = \frac{\lVert g_k - g_T \rVert_2}{\lVert g_T \rVert_2} \qquad \text{over all core tensors together,} $$
+#
 # at T = 12. The rows share the block weights above; each injection keeps its own parameters at
 # their initial values (Ā = √(1/5) ≈ 0.447 in every coordinate for the diagonal kind), and three
 # more diagonal rows set Ā = ρ·I through dt_bias, Δ = −ln ρ at A_log = 0, to sweep ρ(Ā) over the
@@ -240,6 +267,7 @@ for k in (1, 4):
 # the linear kind after training has pushed its W_h out of the unit circle (W_h = I + noise, as in
 # lesson 8).
 
+# %%
 blocks = {k: v for k, v in p.items() if not k.startswith("inject.")}
 
 
@@ -291,8 +319,11 @@ for name, (c, q) in rows.items():
     print(f"  {name:16s} {r:6.3f}" + "".join(f"{num(e):>9s} ({num(r ** k):>5s})"
                                              for k, e in zip(K, table[name][1])))
 
+# %% [markdown]
 # The diagonal rows, in order of ρ: the error falls with k in every row, and at every k it grows
 # with ρ.
+
+# %%
 rho_diag = np.array([table[n][0] for n in rows if n.startswith("diagonal")])    # (4,)
 err_diag = np.array([table[n][1] for n in rows if n.startswith("diagonal")])    # (4, len(K))
 assert np.all(np.diff(rho_diag) > 0)
@@ -312,16 +343,19 @@ assert np.all(np.abs(err_add - (T - np.array(K)) / T) < 0.15)
 r_out, err_out = table["linear, W_h out"]
 assert r_out > 1 and np.all(err_out[:3] > 0.8)
 
-
+# %% [markdown]
 # The linear kind at initialisation has ρ(W_h) ≈ 0.59, yet its error falls much more slowly than
 # ρ^k. ρ governs the powers of a matrix only in the long run; one step can stretch a vector by up
 # to its largest singular value ‖·‖₂. A diagonal Ā has ‖Ā‖₂ = ρ(Ā), so the bound holds from the
 # first step back; the linear kind's W_h is a general matrix, and its ‖W_h‖₂ is over twice its ρ:
+
+# %%
 W_h = p_lin["inject.W"][:d]
 print(f"linear (init): ρ(W_h) = {table['linear (init)'][0]:.3f}, ‖W_h‖₂ = "
       f"{np.linalg.norm(W_h, 2):.3f}")
 assert np.linalg.norm(W_h, 2) > 2 * table["linear (init)"][0]
 
+# %% [markdown]
 # What this means for training. At the diagonal kind's initial Ā ≈ 0.447, μ_bwd = 4 (the paper's
 # choice, with μ_rec = 8) leaves out about an eighth of the core gradient (err(4) above); at
 # ρ = 0.9 the same μ_bwd leaves out most of it. Training moves Ā (docs/RESULTS.md saw ρ(Ā) from
@@ -329,11 +363,13 @@ assert np.linalg.norm(W_h, 2) > 2 * table["linear (init)"][0]
 # the full one depends on where training takes Ā; the diagonal parameterisation keeps ρ(Ā) below
 # 1, where the error falls with k. Once the linear kind's W_h leaves the unit circle, the last few
 # steps hold almost none of the gradient.
+
+# %%
 err_init, err_slow = table["diagonal (init)"][1], table["diagonal ρ=0.9"][1]
 assert err_init[K.index(4)] < 0.2 and err_slow[K.index(4)] > 0.5
 
-# ---------------------------------------------------------------------------------------------
-# Exercises.
+# %% [markdown]
+# ## Exercises
 #
 # 1. In loop_backward, replace `dh = A_bar * g` by `dh = g` (forget Ā on the state path). Which
 #    tensors does section 2 flag, and which stay exact? Does section 4's check at μ_bwd = 1 still
@@ -343,4 +379,6 @@ assert err_init[K.index(4)] < 0.2 and err_slow[K.index(4)] > 0.5
 # 3. Change the noise at the top from 0.1 to 0.3 (lesson 7's setting) and rerun. Which of the
 #    lesson's checks still hold? How far above ρ^k does err(k) move, and what does section 4's
 #    factor per step back say about the blocks' Jacobians then?
+
+# %%
 print("lesson 11 passed")

@@ -1,21 +1,24 @@
-"""Lesson 12: inference with a looped model. A KV cache per loop step, and stopping early.
+# %% [markdown]
+# # Lesson 12: inference with a looped model. A KV cache per loop step, and stopping early
+#
+# ```bash
+# python lessons/12_inference.py
+# ```
+#
+# A transformer that generates text keeps the keys and values of the tokens it has read (a KV
+# cache), so that a new token costs one pass over one position instead of a pass over the whole
+# sequence. A looped model runs its recurrent block T times per token, and at each loop step every
+# position holds a different state h_t, hence different keys and values. Its cache therefore holds
+# one slot per (loop step, recurrent layer), and inference memory grows with T, where training
+# memory does not (lesson 7). This lesson lays that cache out, checks that decoding through it gives
+# the logits of a full forward pass, measures what it saves, and then lets each token choose its own
+# loop count: a token stops looping once its prediction stops moving, which lesson 10's law
+# L(T) = L∞ + Z·e^(−zT) says happens after a few steps.
+#
+# Notation: T is the loop count, S the sequence length, μ_rec the mean training depth, ε the exit
+# threshold; n_p, n_r, n_c count the prelude, recurrent and coda blocks.
 
-    python lessons/12_inference.py
-
-A transformer that generates text keeps the keys and values of the tokens it has read (a KV
-cache), so that a new token costs one pass over one position instead of a pass over the whole
-sequence. A looped model runs its recurrent block T times per token, and at each loop step every
-position holds a different state h_t, hence different keys and values. Its cache therefore holds
-one slot per (loop step, recurrent layer), and inference memory grows with T, where training
-memory does not (lesson 7). This lesson lays that cache out, checks that decoding through it gives
-the logits of a full forward pass, measures what it saves, and then lets each token choose its own
-loop count: a token stops looping once its prediction stops moving, which lesson 10's law
-L(T) = L∞ + Z·e^(−zT) says happens after a few steps.
-
-Notation: T is the loop count, S the sequence length, μ_rec the mean training depth, ε the exit
-threshold; n_p, n_r, n_c count the prelude, recurrent and coda blocks.
-"""
-
+# %%
 import tempfile
 import time
 
@@ -26,8 +29,8 @@ from minparcae import data, generate, model
 
 rng = np.random.default_rng(0)
 
-# ---------------------------------------------------------------------------------------------
-# 1. The cache: one slot per (loop step, recurrent layer).
+# %% [markdown]
+# ## 1. The cache: one slot per (loop step, recurrent layer)
 #
 # Decoding position i, the recurrent block's attention at loop step t compares the query made from
 # h_t(i) with the keys of every earlier position j at the same step, made from h_t(j). That is what
@@ -35,11 +38,14 @@ rng = np.random.default_rng(0)
 # decoded later to see the same numbers, the cache must keep position j's keys and values at every
 # step t, not only at its last. The prelude and coda run once per token, so one slot each is enough:
 #
-#     prelude.i, coda.i        one slot per layer                   keys (B, H_kv, S, hs), values alike
-#     core.i at loop step t    one slot per (layer, step): T·n_r    keys (B, H_r, S, hs_r), values alike
+# | layers | slots | keys, and values alike |
+# |---|---|---|
+# | prelude.i, coda.i | one slot per layer | (B, H_kv, S, hs) |
+# | core.i at loop step t | one slot per (layer, step): T·n_r | (B, H_r, S, hs_r) |
 #
 # `model.KVCache(cfg, batch, capacity, core_slots)` allocates them; here for T = 4:
 
+# %%
 cfg = model.Config(vocab_size=64, context=32, d_model=16, n_head=2, n_prelude=1, n_recurrent=2,
                    n_coda=1, mean_recurrence=4, backprop_depth=2)
 kv = model.KVCache(cfg, 1, 1, 4)
@@ -47,17 +53,19 @@ print("slots of the cache at T = 4:", ", ".join(f"{name}@{step}" if step is not 
                                                   for name, step in kv.slots))
 assert len(kv.slots) == cfg.n_prelude + 4 * cfg.n_recurrent + cfg.n_coda
 
+# %% [markdown]
 # One position costs its keys and values in every slot. Outside the loop a layer's keys have
 # H_kv heads of size hs = d / H; inside, every head has its own keys (no grouping in the loop), so
 # a core slot is H_r·hs_r = d_h wide. In float32 (4 bytes):
 #
-#     bytes/position = 4 · 2 · [(n_p + n_c)·H_kv·hs + T·n_r·d_h]
+# $$ \text{bytes/position} = 4 \cdot 2 \cdot \left[ (n_p + n_c) H_{kv} hs + T n_r d_h \right] $$
 #
 # linear in T, with slope 4·2·n_r·d_h. Training keeps activations for the μ_bwd steps it
 # backpropagates, whatever T is (lessons 7 and 9); the table sets the two side by side, the
 # training column as activation bytes per token of one training forward (`model.cache_nbytes`).
 
 
+# %%
 def kv_bytes_per_position(c, T, itemsize=4):
     outside = (c.n_prelude + c.n_coda) * c.kv_heads * (c.d_model // c.n_head)
     return itemsize * 2 * (outside + T * c.n_recurrent * c.d_h)
@@ -79,10 +87,13 @@ assert kv_bytes == [kv_bytes_per_position(cfg, T) for T in Ts]
 assert np.all(np.diff(kv_bytes) / np.diff(Ts) == 4 * 2 * cfg.n_recurrent * cfg.d_h)  # linear in T
 assert len(set(b for T, b in zip(Ts, train_bytes) if T >= cfg.backprop_depth)) == 1  # flat in T
 
+# %% [markdown]
 # At the paper's 140M size and T = μ_rec = 8, a position's keys and values fill 2 + 8·2 + 2 = 20
 # layers' worth: the cache of a looped model is that of the transformer as deep as its unrolled
 # loop, not that of the transformer with as many parameters (`model.fixed_depth_baseline`, the
 # same six blocks each run once).
+
+# %%
 big = model.preset("parcae-140m")
 mib = {name: model.KVCache(c, 1, 1, c.mean_recurrence).bytes_per_position() * c.context / 2**20
        for name, c in (("looped", big), ("fixed depth", model.fixed_depth_baseline(big)))}
@@ -91,8 +102,8 @@ print(f"\nparcae-140m, float32, one sequence of {big.context} tokens: KV cache {
       f"fixed depth")
 assert mib["looped"] / mib["fixed depth"] == 20 / 6
 
-# ---------------------------------------------------------------------------------------------
-# 2. Decoding through the cache gives the full forward's logits.
+# %% [markdown]
+# ## 2. Decoding through the cache gives the full forward's logits
 #
 # `generate.Decoder` holds a KVCache and feeds tokens to `model.forward(..., kv=cache)`: the same
 # function that trains the model, told that positions 0..length−1 are already in the cache. Prefill
@@ -104,6 +115,7 @@ assert mib["looped"] / mib["fixed depth"] == 20 / 6
 # As in lesson 7, noise on every parameter keeps the blocks from being the identity; float64, so
 # that the two computations can differ only by rounding, ~1e-15 of the logits' size.
 
+# %%
 p = {k: v + 0.3 * rng.standard_normal(v.shape)
      for k, v in model.init_params(cfg, seed=0, dtype=np.float64, xp=np).items()}
 B, S, P, T = 2, 24, 8, 4                          # batch, sequence length, prompt length, loop steps
@@ -123,10 +135,13 @@ print(f"\ncached decoding vs one full forward, T = {T}: max |difference| "
       f"{np.abs(cached - full).max():.1e} (logits up to {np.abs(full).max():.1f})")
 assert np.abs(cached - full).max() < 1e-12
 
+# %% [markdown]
 # Why a slot per step: the keys that core.0 wrote at successive steps differ by a large fraction
 # of their size. Keep a single slot per core layer (kv_slots=1: every step overwrites it, and a
 # token reads each earlier position's keys from its last step) and the logits are no longer the
 # full forward's.
+
+# %%
 keys = [dec.kv.slots["core.0", t][0][:, :, :S] for t in range(T)]       # (B, H, S, hs) each
 moved = [np.linalg.norm(keys[t] - keys[t - 1]) / np.linalg.norm(keys[t]) for t in range(1, T)]
 shared, _ = decode(kv_slots=1)
@@ -136,21 +151,22 @@ print(f"one shared slot per core layer: max |difference| from the full forward "
       f"{np.abs(shared - full).max():.2f}")
 assert min(moved) > 0.05 and np.abs(shared - full).max() > 1e-2
 
-# ---------------------------------------------------------------------------------------------
-# 3. What the cache saves.
+# %% [markdown]
+# ## 3. What the cache saves
 #
 # Without a cache (`generate.generate(..., cache=False)`), each new token reruns the whole window:
 # token k of n, after a prompt of P, runs P + k positions through the prelude, T loop steps and the
 # coda. With it, each token runs one position. Counting position-steps (one position through one
 # loop step; `stats["position_steps"]`):
 #
-#     uncached: T · Σ_{k<n} (P + k) = T·(nP + n(n−1)/2)       cached: T·(P + n − 1)
+# $$ \text{uncached: } T \sum_{k = 0}^{n - 1} (P + k) = T \left(nP + \frac{n(n-1)}{2}\right) \qquad \text{cached: } T (P + n - 1) $$
 #
 # (the cached decoder runs the prompt once and then every generated token but the last). Work per
 # token grows with the length without the cache, and stays flat with it; the cached token still
 # attends over all S positions, but at these sizes that is a small part of its cost. A model with
 # context 128 and random weights (speed does not depend on them), greedy decoding, one sequence:
 
+# %%
 fast = model.Config(vocab_size=256, context=128, d_model=64, n_head=2, n_prelude=1, n_recurrent=2,
                     n_coda=1)
 pf = model.init_params(fast, seed=0)                                    # float32
@@ -176,14 +192,15 @@ for n in (16, 48, 120):
 # decoder wins whatever the load.
 assert speedups[-1] > 1
 
-# ---------------------------------------------------------------------------------------------
-# 4. Adaptive exit: each token loops until its prediction stops moving.
+# %% [markdown]
+# ## 4. Adaptive exit: each token loops until its prediction stops moving
 #
 # Fixed depth runs every token T steps. Some tokens are easy and settle in two; some need more. A
 # decoder with an exit rule runs at most T_max steps and stops a token after step t when
 #
-#     kl:     KL(p_t ‖ p_{t−1}) = Σ_v p_t(v) (log p_t(v) − log p_{t−1}(v)) < ε,  t ≥ 2
-#     state:  ‖h_t − h_{t−1}‖ / ‖h_t‖ < ε
+# $$ \text{kl:} \quad \mathrm{KL}(p_t \parallel p_{t-1}) = \sum_v p_t(v) \left(\log p_t(v) - \log p_{t-1}(v)\right) < \varepsilon, \quad t \ge 2 $$
+#
+# $$ \text{state:} \quad \frac{\lVert h_t - h_{t-1} \rVert}{\lVert h_t \rVert} < \varepsilon $$
 #
 # with p_t = softmax(coda(h_t)), the prediction the token would make if it stopped after step t;
 # it then predicts from its last state. The KL rule measures what matters (the distribution we
@@ -200,6 +217,7 @@ assert speedups[-1] > 1
 # Train lesson 10's model (no prelude or coda blocks, so that the loop does the work after a short
 # run), at μ_rec = 4, and look at it up to T_max = 2μ_rec.
 
+# %%
 with tempfile.TemporaryDirectory() as tmp:
     dataset = small_corpus(tmp, vocab_size=384)
     cfg = model.Config(vocab_size=dataset.tokenizer.vocab_size, context=32, d_model=32, n_head=2,
@@ -241,6 +259,7 @@ print(f"the KL falls by r = {r:.2f} per step; the loss at μ_rec is "
 assert np.all(ratio > 2)
 assert abs(loss[mu - 1] - loss[-1]) < 0.005
 
+# %% [markdown]
 # Now the exit rule. Its quality: `generate.evaluate(..., adaptive="kl", epsilon=ε)` runs the
 # validation windows through the cached decoder one token at a time (teacher forcing, as generation
 # reads them) and returns the loss and the mean loop count per token. Its speed: greedy generation
@@ -249,6 +268,8 @@ assert abs(loss[mu - 1] - loss[-1]) < 0.005
 # 32, so a batch pays for its slowest token; one sequence shows what the saved steps buy.) Every
 # row, ε = 0 included, pays for the rule; at this size its extra pass costs about one more step of
 # the block, so tokens/s grow less than the steps fall:
+
+# %%
 rule = 2 * (cfg.d_h * cfg.d_model + cfg.n_coda * 12 * cfg.d_model**2 + cfg.vocab_size * cfg.d_model)
 block = 2 * cfg.n_recurrent * 12 * cfg.d_h**2
 print(f"\nKL rule: {rule:,} FLOPs per token per step against {block:,} for a step of the block "
@@ -279,10 +300,13 @@ for eps in epsilons:
           f"{table[-1][3]:8.0f}")
 l_exit, s_exit, _, rate = (np.array(column) for column in zip(*table))
 
+# %% [markdown]
 # ε = 0 is fixed depth (the decoder's loss equals the full forward's up to float32 rounding); a
 # larger ε stops tokens sooner; the smallest ε > 0 already saves steps at no cost in loss (within
 # 1e-3 nats of fixed depth); and a tenfold smaller ε buys about ln 10 / ln r more steps, within half
 # a step, between ε = 1e-3 and 1e-4, where few tokens are held at the floor (t = 2) or the cap.
+
+# %%
 per_decade = s_exit[1] - s_exit[2]
 print(f"ε from 1e-3 to 1e-4: {per_decade:.2f} more steps per token; ln 10 / ln r = "
       f"{np.log(10) / np.log(r):.2f}")
@@ -293,14 +317,16 @@ assert abs(per_decade - np.log(10) / np.log(r)) < 0.5
 # Two steps instead of eight make generation faster whatever the machine's load is doing.
 assert rate[-1] > rate[0]
 
-# ---------------------------------------------------------------------------------------------
-# 5. Sharing slots to bound the memory.
+# %% [markdown]
+# ## 5. Sharing slots to bound the memory
 #
 # Section 2 showed that one slot per core layer changes the logits. How much does it change the
 # loss of a trained model? With kv_slots = k, step t writes and reads slot t mod k, so the cache
 # holds k core slots per layer whatever T is (`generate.Decoder(..., kv_slots=k)`; the module
 # docstring of minparcae/generate.py says what a token then reads). The approximation is measured,
 # not assumed: at T_max, one slot against one per step.
+
+# %%
 exact = generate.Decoder(params, cfg, 1, n_loops=T_max).kv.bytes_per_position()
 one = generate.Decoder(params, cfg, 1, n_loops=T_max, kv_slots=1).kv.bytes_per_position()
 l_one, _ = generate.evaluate(params, cfg, batches, n_loops=T_max, kv_slots=1)
@@ -312,8 +338,8 @@ assert exact == kv_bytes_per_position(cfg, T_max) and one == kv_bytes_per_positi
 # would pay more.
 assert abs(l_one - loss[-1]) < 0.005
 
-# ---------------------------------------------------------------------------------------------
-# Exercises.
+# %% [markdown]
+# ## Exercises
 #
 # 1. Rerun section 4's table with adaptive="state". Which ε gives about the same mean loop count
 #    as the KL rule at ε = 1e-3, and which rule has the lower loss at equal steps? Which is faster
@@ -327,4 +353,6 @@ assert abs(l_one - loss[-1]) < 0.005
 #    cfg.context tokens recomputed for every new one ("recompute"). On validation windows three
 #    contexts long, where do the two agree exactly, how far apart are their losses after that, and
 #    how much faster is sliding?
+
+# %%
 print("lesson 12 passed")

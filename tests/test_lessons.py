@@ -107,10 +107,11 @@ def test_quoted_code_is_still_in_the_file_it_names():
 
     that is: a comment line that ends with ":" and names a backticked `.py` path (the last one on
     the line is the file), a bare "#" line, then the quoted lines, each "#" followed by five spaces
-    and the code with its own indentation. Every quoted line, without its indentation and without
-    a trailing comment (two or more spaces, then "#"), must equal a line of that file, compared the
-    same way. Equations and outlines are indented the same way but introduced without a backticked
-    path, and are not quotes."""
+    and the code with its own indentation (in a markdown cell, whose lines are Markdown behind "# ",
+    that makes them a code block, indented four spaces). Every quoted line, without its indentation
+    and without a trailing comment (two or more spaces, then "#"), must equal a line of that file,
+    compared the same way. Lines indented the same way but introduced without a backticked path
+    (outlines, diagrams) are not quotes."""
     checked = 0
     for lesson in sorted(LESSONS_DIR.glob("*.py")):
         sources = {}
