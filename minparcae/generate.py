@@ -127,7 +127,8 @@ class Decoder:
     (B, n, V) and loop counts (B, n). The cache holds `capacity` positions (default cfg.context),
     with `kv_slots` core slots per layer (None: one per loop step) and, with slide=True, slides past
     its capacity one token at a time; `clear()` forgets every position. rng draws the initial states
-    when cfg.eval_state is "like-init". See the module docstring for each option."""
+    when cfg.eval_state is "like-init". See the module docstring for each option. The weights must not
+    change while a Decoder decodes: it keeps a fused copy of the q, k, v projections."""
 
     def __init__(self, params, cfg, batch, n_loops=None, adaptive=None, epsilon=1e-3,
                  capacity=None, rng=None, ops=REFERENCE, kv_slots=None, warm_start=False, slide=False):
@@ -137,7 +138,9 @@ class Decoder:
             raise ValueError("epsilon must not be negative and the loop count must be at least 1.")
         if kv_slots is not None and kv_slots < 1:
             raise ValueError(f"kv_slots must be at least 1 (or None for one per loop step), not {kv_slots}.")
-        self.p, self.cfg, self.ops, self.rng, self.batch = params, cfg, ops, rng, batch
+        # fused once: the weights stay the same for the Decoder's life (model.with_fused_qkv)
+        self.p = model.with_fused_qkv(params, cfg)
+        self.cfg, self.ops, self.rng, self.batch = cfg, ops, rng, batch
         self.xp = array_module(params["wte"])
         self.n_loops = (n_loops or cfg.mean_recurrence) if cfg.looped else 1
         self.adaptive = adaptive if cfg.looped else None  # the fixed-depth baseline has no loop

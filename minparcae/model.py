@@ -429,15 +429,23 @@ class BlockCache(NamedTuple):
     mlp: object
 
 
+class FusedParams(dict):
+    """Parameters with the fused "<layer>.attn.wqkv" added (with_fused_qkv): a copy of the
+    weights, true only as long as they do not change."""
+
+
 def with_fused_qkv(p, cfg):
     """p and, for every layer, "<layer>.attn.wqkv" = [W_q W_k W_v] side by side: the q, k, v
     projections as one product, which BLAS runs faster than three narrower ones. Made once per
-    forward (a loop step runs the same core layers again; a decoded token runs every layer on one
-    row, where copying the weights would cost more than the product)."""
+    forward in training (a loop step runs the same core layers again), and once per Decoder in
+    decoding, whose weights do not change: `p` that is already FusedParams is returned as it is
+    (copying the weights for every decoded token would cost more than that token's products)."""
+    if isinstance(p, FusedParams):
+        return p
     xp = array_module(p["wte"])
-    return {**p, **{f"{name}.attn.wqkv": xp.concatenate(
+    return FusedParams({**p, **{f"{name}.attn.wqkv": xp.concatenate(
         [p[f"{name}.attn.wq"], p[f"{name}.attn.wk"], p[f"{name}.attn.wv"]], axis=1)
-        for name, *_ in layers(cfg)}}
+        for name, *_ in layers(cfg)}})
 
 
 def attention_forward(p, name, x, rope, heads, ops, ve=None, kv=None):

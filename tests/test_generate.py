@@ -46,6 +46,18 @@ VARIANTS = {
 }
 
 
+def test_a_decoder_fuses_the_qkv_weights_once():
+    cfg = M.Config(vocab_size=64, context=16, d_model=16, n_head=2)
+    p = M.init_params(cfg, seed=0, dtype=np.float64)
+    fused = M.with_fused_qkv(p, cfg)
+    assert M.with_fused_qkv(fused, cfg) is fused  # not copied again for every token
+    dec = G.Decoder(p, cfg, 1)
+    assert isinstance(dec.p, M.FusedParams)
+    ids = np.arange(6)[None]
+    logits = np.concatenate([dec.feed(ids[:, i:i + 1])[0] for i in range(6)], axis=1)
+    assert np.abs(logits - M.forward(p, cfg, ids)[0]).max() < 1e-12
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_logits_equal_full_recomputation(variant):
     """Prefill 5 tokens in one pass, then decode 9 one at a time: every position's logits match the
