@@ -153,8 +153,8 @@ assert abs(rate - rho["linear"]) < 1e-3
 # The first 64 steps as a picture: the size of the state, ‖h_t‖, and of each step, ‖h_t − h_{t−1}‖,
 # on a log scale, where a factor per step is a straight line. A step of the linear part is Ā times
 # the step before it (h_t − h_{t−1} = Ā (h_{t−1} − h_{t−2})), so the steps shrink or grow by ρ each
-# time. The diagonal kind's fall by 0.447 per step until they reach float64's rounding, about 1e-16
-# of ‖h*‖; a few steps later h_t stops changing at all, and a step of 0 has no place on a log
+# time. The diagonal kind's steps shrink by 0.447 each until they reach float64's rounding, about
+# 1e-16 of ‖h*‖; a few steps later h_t stops changing at all, and a step of 0 has no place on a log
 # scale. The additive kind moves by e at every step, forever; the linear kind's steps grow by
 # ρ = 1.35.
 
@@ -167,10 +167,11 @@ picture("linear_part", [
           log=True)], title="the linear part alone, h_t = Ā h_{t−1} + B̄ e")
 # while the steps are large enough for their difference to be exact to rounding (t ≤ 16)
 shrink = path["diagonal"][1:16, 1] / path["diagonal"][:15, 1]
+off = np.abs(shrink - rho["diagonal"]).max()
 last_move = np.flatnonzero(path["diagonal"][:, 1])[-1] + 1
-print(f"diagonal: each step ρ times the one before, to {np.abs(shrink - rho['diagonal']).max():.0e};"
-      f" the last step that changes h at t = {last_move}, of {path['diagonal'][last_move - 1, 1]:.0e}")
-assert np.abs(shrink - rho["diagonal"]).max() < 1e-9
+print(f"diagonal: each step ρ times the one before, to {off:.0e}; the last step that changes h "
+      f"at t = {last_move}, of {path['diagonal'][last_move - 1, 1]:.0e}")
+assert off < 1e-9
 assert 30 < last_move < 64
 assert np.allclose(path["add"][:, 1], np.linalg.norm(e), rtol=1e-12)     # every step is e
 assert abs(path["linear"][-1, 1] / path["linear"][-2, 1] - rho["linear"]) < 1e-3
@@ -215,7 +216,7 @@ assert grow["linear"] > 1e3                    # exponential growth
 
 # %% [markdown]
 # As a picture, with the steps: the additive kind drifts, by a step that settles near a constant
-# (e plus what the blocks add, which is bounded), so ‖h_t‖ grows along a straight line; the linear
+# (e plus what the blocks add, which is bounded), so ‖h_t‖ grows linearly; the linear
 # kind's state and steps grow by a factor per step. The diagonal kind's state stays in a band, but
 # unlike the linear part alone it never comes to rest: these noisy blocks are no contraction, and
 # each step still moves h by about a tenth of its size. Bounded is what ρ(Ā) < 1 promises once the
