@@ -26,13 +26,16 @@
 
 # %%
 import csv
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from common import small_corpus, train  # first: it sets NumPy's BLAS to one thread
 import numpy as np
 
 from minparcae import model
 from minparcae.ops import injection
+from pictures import Panel, picture
 
 rng = np.random.default_rng(0)
 
@@ -115,14 +118,15 @@ e = rng.standard_normal((1, 1, d))
 h0 = rng.standard_normal((1, 1, d))
 delta = 1e-3 * rng.standard_normal((1, 1, d))                 # a small change of the start
 print("\nlinear part alone: ‖h_T‖, and ‖h_T − h'_T‖ for two starts 1e-3 apart")
-linear_part = {}
+linear_part, linear_path = {}, {}     # linear_path: (‖h_t‖, ‖h_t − h_{t−1}‖) for every t
 for kind in KINDS:
     p = params[kind]
     u, _ = injection.input_forward(kind, p, e)
-    h, h_other, norms = h0, h0 + delta, {}
+    h, h_other, norms, linear_path[kind] = h0, h0 + delta, {}, []
     for t in range(1, 129):
-        h = injection.state_forward(kind, p, h, u)[0]
+        h_prev, h = h, injection.state_forward(kind, p, h, u)[0]
         h_other = injection.state_forward(kind, p, h_other, u)[0]
+        linear_path[kind].append((np.linalg.norm(h), np.linalg.norm(h - h_prev)))
         if t in (1, 4, 16, 64, 128):
             norms[t] = (np.linalg.norm(h), np.linalg.norm(h - h_other))
     linear_part[kind] = (u, h, norms)
@@ -146,6 +150,33 @@ print(f"  linear: growth per step {rate:.4f}, ρ = {rho['linear']:.4f}")
 assert abs(rate - rho["linear"]) < 1e-3
 
 # %% [markdown]
+# The first 64 steps as a picture: the size of the state, ‖h_t‖, and of each step, ‖h_t − h_{t−1}‖,
+# on a log scale, where a factor per step is a straight line. A step of the linear part is Ā times
+# the step before it (h_t − h_{t−1} = Ā (h_{t−1} − h_{t−2})), so the steps shrink or grow by ρ each
+# time. The diagonal kind's steps shrink by 0.447 each until they reach float64's rounding, about
+# 1e-16 of ‖h*‖; a few steps later h_t stops changing at all, and a step of 0 has no place on a log
+# scale. The additive kind moves by e at every step, forever; the linear kind's steps grow by
+# ρ = 1.35.
+
+# %%
+t = np.arange(1, 65)
+path = {kind: np.array(linear_path[kind][:64]) for kind in KINDS}          # (64, 2) each
+picture("linear_part", [
+    Panel("‖h_t‖", {kind: (t, path[kind][:, 0]) for kind in KINDS}, x="loop step t", log=True),
+    Panel("‖h_t − h_{t−1}‖", {kind: (t, path[kind][:, 1]) for kind in KINDS}, x="loop step t",
+          log=True)], title="the linear part alone, h_t = Ā h_{t−1} + B̄ e")
+# while the steps are large enough for their difference to be exact to rounding (t ≤ 16)
+shrink = path["diagonal"][1:16, 1] / path["diagonal"][:15, 1]
+off = np.abs(shrink - rho["diagonal"]).max()
+last_move = np.flatnonzero(path["diagonal"][:, 1])[-1] + 1
+print(f"diagonal: each step ρ times the one before, to {off:.0e}; the last step that changes h "
+      f"at t = {last_move}, of {path['diagonal'][last_move - 1, 1]:.0e}")
+assert off < 1e-9
+assert 30 < last_move < 64
+assert np.allclose(path["add"][:, 1], np.linalg.norm(e), rtol=1e-12)     # every step is e
+assert abs(path["linear"][-1, 1] / path["linear"][-2, 1] - rho["linear"]) < 1e-3
+
+# %% [markdown]
 # ## 2. The whole loop, blocks included
 #
 # Each block is pre-norm: it adds attn(N(x)) and mlp(N(x)) to x, and both read a normalised input,
@@ -155,20 +186,26 @@ assert abs(rate - rho["linear"]) < 1e-3
 #
 # and for ρ < 1 the state stays below (‖B̄ e‖ + F)/(1 − ρ) at every depth. For ρ = 1 the bound grows
 # by a constant per step, and for ρ > 1 nothing holds it. `model.state_after(p, cfg, ids, T, h0)`
-# runs the model's own loop for T steps and returns h_T; ‖h_T‖ per token, averaged:
+# runs the model's own loop for T steps and returns h_T. Run one step at a time, each from the
+# state the last one left, it is the same loop (the cell checks that 64 single steps give h_64 bit
+# for bit), and every h_t is there to measure; ‖h_T‖ per token, averaged:
 
 # %%
 ids = rng.integers(0, cfg.vocab_size, (2, 12))
 start = model.initial_state(cfg, (2, 12, d), "seeded", dtype=np.float64)
+loop_path = {}     # (64, 2): mean ‖h_t‖ and mean ‖h_t − h_{t−1}‖ per token, t = 1..64
+for kind in KINDS:
+    h, rows = start, []
+    for _ in range(64):
+        h_prev, h = h, model.state_after(params[kind], configs[kind], ids, 1, h)
+        rows.append((np.linalg.norm(h, axis=-1).mean(), np.linalg.norm(h - h_prev, axis=-1).mean()))
+    loop_path[kind] = np.array(rows)
+    assert np.array_equal(h, model.state_after(params[kind], configs[kind], ids, 64, start))
 steps = (1, 4, 16, 32, 64)
+state_norm = {kind: {T: loop_path[kind][T - 1, 0] for T in steps} for kind in KINDS}
 print("\nwhole loop: mean ‖h_T‖ per token")
 print("  T       " + "".join(f"{T:>11d}" for T in steps))
-state_norm = {}
 for kind in KINDS:
-    state_norm[kind] = {}
-    for T in steps:
-        h_T = model.state_after(params[kind], configs[kind], ids, T, start)
-        state_norm[kind][T] = float(np.linalg.norm(h_T, axis=-1).mean())
     print(f"  {kind:8s}" + "".join(f"{state_norm[kind][T]:11.3g}" for T in steps))
 
 grow = {kind: state_norm[kind][64] / state_norm[kind][32] for kind in KINDS}
@@ -176,6 +213,30 @@ print("‖h_64‖ / ‖h_32‖:", {kind: f"{g:.3g}" for kind, g in grow.items()}
 assert grow["diagonal"] < 1.1                  # bounded: it has settled
 assert 1.8 < grow["add"] < 2.2                 # linear growth: twice the steps, twice the norm
 assert grow["linear"] > 1e3                    # exponential growth
+
+# %% [markdown]
+# As a picture, with the steps: the additive kind drifts, by a step that settles near a constant
+# (e plus what the blocks add, which is bounded), so ‖h_t‖ grows linearly; the linear
+# kind's state and steps grow by a factor per step. The diagonal kind's state stays in a band, but
+# unlike the linear part alone it never comes to rest: these noisy blocks are no contraction, and
+# each step still moves h by about a tenth of its size. Bounded is what ρ(Ā) < 1 promises once the
+# blocks are in, not convergent.
+
+# %%
+picture("whole_loop", [
+    Panel("‖h_t‖", {kind: (t, loop_path[kind][:, 0]) for kind in KINDS}, x="loop step t",
+          log=True),
+    Panel("‖h_t − h_{t−1}‖", {kind: (t, loop_path[kind][:, 1]) for kind in KINDS},
+          x="loop step t", log=True)], title="the whole loop, h_t = R(Ā h_{t−1} + B̄ e)")
+late = slice(15, 64)                                                       # t = 16..64
+band = loop_path["diagonal"][late, 0]
+moves = loop_path["diagonal"][late, 1] / band
+print(f"diagonal, t = 16..64: ‖h_t‖ from {band.min():.1f} to {band.max():.1f}, each step moving h "
+      f"by {moves.min():.0%} to {moves.max():.0%} of it")
+print(f"add: step at t = 32 {loop_path['add'][31, 1]:.3f}, at t = 64 {loop_path['add'][63, 1]:.3f}")
+assert band.max() < 1.5 * band.min() and moves.min() > 0.02
+assert abs(loop_path["add"][63, 1] / loop_path["add"][31, 1] - 1) < 0.01
+assert loop_path["linear"][63, 1] > 1e4 * loop_path["linear"][15, 1]
 
 # %% [markdown]
 # ## 3. Stable by construction: the negative-diagonal, zero-order-hold parameterisation
@@ -298,6 +359,68 @@ assert share_unstable > 0.95
 # %% [markdown]
 # ## 4. What it bought in training
 #
+# Training moves Ā: the diagonal kind's only within (0, 1), the linear kind's anywhere. Watch it
+# happen, for a few seconds per kind, on lesson 9's small model (width 32, one prelude, loop and
+# coda block, μ_rec = 4, μ_bwd = 2) trained by `train` in lessons/common.py (lesson 9's recipe,
+# the gradient clipped to norm 1 as in minparcae's trainer) for 80 steps of 8 sequences of 32
+# tokens, at two peak learning rates, 6e-3 and 2e-2. Every step records the training loss, ρ of
+# the injection as it stands, and ‖h_T‖, the final loop state's norm per token, averaged.
+
+# %%
+RATES = (6e-3, 2e-2)
+runs = {}                        # (kind, rate) → {"loss", "rho", "state_norm"}: one value a step
+with tempfile.TemporaryDirectory() as tmp:
+    dataset = small_corpus(tmp, vocab_size=384)
+    for rate in RATES:
+        for kind in KINDS:
+            small = model.Config(vocab_size=dataset.tokenizer.vocab_size, context=32, d_model=32,
+                                 n_head=2, n_prelude=1, n_recurrent=1, n_coda=1,
+                                 mean_recurrence=4, backprop_depth=2, injection=kind)
+            trace = {}
+            _, trace["loss"] = train(small, dataset, steps=80, lr=rate, batch_size=8, trace=trace,
+                                     desc=f"{kind}, lr {rate:g}")
+            runs[kind, rate] = {name: np.array(values) for name, values in trace.items()}
+
+# %% [markdown]
+# One row of panels per learning rate: the loss, ρ of the state map, and ‖h_T‖ on a log scale.
+
+# %%
+step = np.arange(1, 81)
+picture("training", [
+    Panel(f"{title}, lr {rate:g}", {kind: (step, runs[kind, rate][name]) for kind in KINDS},
+          x="training step", log=name == "state_norm")
+    for rate in RATES
+    for name, title in (("loss", "training loss"), ("rho", "ρ(Ā)"), ("state_norm", "‖h_T‖"))],
+    title="three injections trained at two learning rates")
+
+# %% [markdown]
+# At 6e-3 the three train alike, the linear kind a little behind, and its ρ stays inside the unit
+# circle. At 2e-2 its W_h leaves the circle within the first ten steps, ρ keeps climbing, its state
+# grows by orders of magnitude, and its loss stalls half a nat above the others'. The diagonal
+# kind's ρ rises with the rate too, but it cannot reach 1. No run diverges by the rule of the sweep
+# below (a loss that turns non-finite, or a 15-step mean that ends more than 1 nat above its own
+# lowest), as none did there. At this size the linear kind leaves the unit circle at a lower rate
+# than in the sweep, where with clipping it took the highest, 6e-2. (The final loss below is the
+# training loss of the last 10 steps, averaged.)
+
+# %%
+print("\n  peak lr  injection  final loss  max ρ(Ā)  max ‖h_T‖")
+final = {}
+for (kind, rate), run in runs.items():
+    smooth = np.convolve(run["loss"], np.ones(15) / 15, "valid")
+    final[kind, rate] = run["loss"][-10:].mean()
+    print(f"  {rate:7.0e}  {kind:9s}  {final[kind, rate]:10.3f}  {run['rho'].max():8.3f}  "
+          f"{run['state_norm'].max():9.3g}")
+    assert np.isfinite(run["loss"]).all() and smooth[-1] < smooth.min() + 1
+    assert run["loss"][-10:].mean() < run["loss"][0] - 1        # every run learned something
+low, high = RATES
+assert all(runs["diagonal", rate]["rho"].max() < 1 for rate in RATES)
+assert runs["linear", low]["rho"].max() < 1 and runs["linear", high]["rho"].max() > 1.2
+assert runs["linear", high]["state_norm"].max() > 10 * runs["diagonal", high]["state_norm"].max()
+assert final["linear", high] > final["diagonal", high] + 0.3
+assert abs(final["add", low] - final["diagonal", low]) < 0.1
+
+# %% [markdown]
 # The paper reports that the diagonal injection trains at learning rates where the other two
 # diverge. minparcae's stability sweep (docs/RESULTS.md, section 1: one small model per kind, peak
 # learning rates from 2e-3 to 6e-2, two seeds each, 300 steps) measured something milder. No run

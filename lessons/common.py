@@ -1,4 +1,4 @@
-"""What lessons 9, 10 and 12 share: a small real corpus, the training loop and one BLAS thread.
+"""What lessons 8, 9, 10 and 12 share: a small real corpus, the training loop and one BLAS thread.
 
 They run on the CPU at toy sizes, so that each trains a model in seconds. Import this module before
 NumPy (the lessons do): it sets the thread count that NumPy's BLAS reads when it loads.
@@ -42,14 +42,17 @@ def small_corpus(folder, vocab_size):
                              val_fraction=0.1)
 
 
-def train(cfg, dataset, steps, lr, batch_size=16, seed=0, log_every=None, desc="training"):
+def train(cfg, dataset, steps, lr, batch_size=16, seed=0, log_every=None, desc="training",
+          trace=None):
     """Train a fresh model of config `cfg` on dataset.train; return (params, training losses).
 
     Each step is the recipe of lesson 9: draw a batch of windows and one loop depth per sequence
     (Poisson around μ_rec), run the model forward keeping the last μ_bwd loop steps, backpropagate
     by hand, clip the gradient's global norm to 1, and take an AdamW step at the learning rate of a
     trapezoid schedule (flat, then a linear decay to 0 over the second half). On a terminal a
-    progress bar shows the step and the loss; `log_every` also prints a line every so many steps."""
+    progress bar shows the step and the loss; `log_every` also prints a line every so many steps.
+    `trace`, a dict, gets each step's ρ(Ā) and mean ‖h_T‖ appended under "rho" and "state_norm"
+    (lesson 8 draws them)."""
     params = model.init_params(cfg, seed=seed)
     opt = optim.AdamW(weight_decay=0.0)
     rng = np.random.default_rng(seed)
@@ -63,6 +66,9 @@ def train(cfg, dataset, steps, lr, batch_size=16, seed=0, log_every=None, desc="
         optim.clip_grad_norm(grads, 1.0)
         opt.step(params, grads, optim.lr_at(step, steps, lr, schedule="trapezoid"))
         losses.append(loss)
+        if trace is not None:
+            trace.setdefault("rho", []).append(diag["rho"])
+            trace.setdefault("state_norm", []).append(diag["state_norm"])
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         if log_every and (step % log_every == 0 or step == steps - 1):
             bar.write(f"  step {step:3d}  loss {loss:.3f}  loop steps {diag['steps']:2d}  "

@@ -128,11 +128,14 @@ def test_quoted_code_is_still_in_the_file_it_names():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
-def test_lesson_runs_and_passes_its_checks(path, tmp_path):
-    # One BLAS thread for every lesson, as common.py gives lessons 9 and 10: the lessons' matrices
+def test_lesson_runs_and_passes_its_checks(path, tmp_path, tmp_path_factory):
+    # One BLAS thread for every lesson, as common.py gives those that train: the lessons' matrices
     # are tiny, and on a busy 2-core machine OpenBLAS's waiting threads only slow them down.
+    # Without the renderer's MINPARCAE_LESSON_PICTURES a lesson saves its pictures in a new
+    # temporary folder and keeps it for the reader; TMPDIR puts it where pytest cleans up.
     env = {**os.environ, "MINPARCAE_DEVICE": "cpu", "PYTHONDONTWRITEBYTECODE": "1",
-           "OPENBLAS_NUM_THREADS": "1"}
+           "OPENBLAS_NUM_THREADS": "1", "TMPDIR": str(tmp_path_factory.mktemp("tmp"))}
+    env.pop("MINPARCAE_LESSON_PICTURES", None)
     before = sorted(p.name for p in LESSONS_DIR.iterdir())
     result = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=TIMEOUT_S)
