@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 HEADING = "## Exercises"
-WIDTH = 18  # the column names are printed in
+WIDTH = 20  # the column names are printed in
 
 
 def cmp(name, mine, ref, rtol=1e-12):
