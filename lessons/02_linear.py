@@ -164,17 +164,10 @@ assert errs[1e-9] > 10 * errs[1e-5]  # rounding error ∝ 1/ε
 # %% [markdown]
 # ## Exercises
 #
-# Write the three functions below; each is followed by the check that grades it. A check prints,
-# for every gradient it compares, exact, approximate (within the stated tolerance of the reference,
-# as float64 rounding in another order gives) or WRONG, with the size and place of the largest
-# error:
+# Write each function, then grade it (lesson 1 says how exercises work):
 #
-#     python lessons/02_linear.py --exercise 1              # grade your linear_backward (or 2, 3)
-#     python lessons/02_linear.py --exercise 1 --solution   # grade lessons/solutions/02_linear.py's
-#
-# With `--exercise N` the lesson runs only its first cell and the cells from here on, which import
-# what they need. In a notebook, call the check on your function: `check_linear_backward(
-# linear_backward)`.
+#     python lessons/02_linear.py --exercise 1              # or 2, 3
+#     python lessons/02_linear.py --exercise 1 --solution   # lessons/solutions/ instead
 #
 # 1. `linear_backward`: section 2's backward, for an x with leading axes, (B, S, n_in): dW sums
 #    over all B·S rows. Graded against `linear.backward`, also with a square W, where a forgotten
