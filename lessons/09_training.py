@@ -234,10 +234,10 @@ def check_sample_depths(fn):
         ok += [expect(f"μ {mu:g}: shape, ints", depths.shape == (n,) and depths.dtype.kind in "iu",
                       f"{depths.shape} {depths.dtype}, want ({n},) integers"),
                expect(f"μ {mu:g}: depth ≥ 1", depths.min() >= 1, f"the smallest is {depths.min()}"),
-               expect(f"μ {mu:g}: mean", abs(mean - mean_want) < 0.03,
-                      f"{mean:.4f}, want {mean_want:.4f} ± 0.03", f"{mean:.4f}, μ + e^(−μ) = {mean_want:.4f}"),
-               expect(f"μ {mu:g}: shares", gap < 0.005, f"off by up to {gap:.4f}, the worst at "
-                      f"depth {np.abs(share - want).argmax()}", f"within {gap:.4f} of the distribution's"),
+               expect(f"μ {mu:g}: mean", abs(mean - mean_want) < 0.03, f"{mean:.4f}, want "
+                      f"{mean_want:.4f} ± 0.03", f"{mean:.4f}, μ + e^(−μ) = {mean_want:.4f}"),
+               expect(f"μ {mu:g}: shares", gap < 0.005, f"off by up to {gap:.4f}, the worst at depth "
+                      f"{np.abs(share - want).argmax()}", f"within {gap:.4f} of the distribution's"),
                expect(f"μ {mu:g}: from rng", np.array_equal(depths, again),
                       "two equal generators gave different depths: draw from rng, not np.random")]
     return all(ok)

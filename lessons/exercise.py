@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 HEADING = "## Exercises"
-WIDTH = 20  # the column names are printed in
+WIDTH = 20  # of the column of names that a check's lines start with
 
 
 def cmp(name, mine, ref, rtol=1e-12):

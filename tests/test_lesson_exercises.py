@@ -22,6 +22,7 @@ import pytest
 LESSONS_DIR = Path(__file__).resolve().parent.parent / "lessons"
 sys.path.insert(0, str(LESSONS_DIR))
 import exercise  # noqa: E402  (lessons/exercise.py)
+import render  # noqa: E402  (lessons/render.py)
 
 LESSONS = sorted(LESSONS_DIR.glob("[0-9][0-9]_*.py"))
 WITH_SECTION = [p for p in LESSONS if not p.name.startswith("06_")]
@@ -45,6 +46,10 @@ def test_every_lesson_has_exercises_and_a_solutions_file_that_covers_them(path):
     if path in WITH_SECTION:
         exercises = exercises_of(path)
         names = [exercise.name_of(fn) for fn, _ in exercises.values()]
+        # --exercise N is read before the lesson's work: in its first code cell
+        first = next(c for c in render.parse_cells(path.read_text("utf-8")) if c.kind == "code")
+        assert "\nexercise.grade_if_asked()" in first.source, \
+            f"{path.name}: its first code cell must call exercise.grade_if_asked()"
     else:  # lesson 6 grades each kernel where it is taught: run_exercise(N, kernel, check)
         found = re.findall(r"^run_exercise\((\d+), (\w+), \w+\)$", path.read_text("utf-8"), re.M)
         exercises, names = {int(n): None for n, _ in found}, [name for _, name in found]

@@ -1,8 +1,6 @@
 """Solutions to the exercises of lesson 1. Write yours first: `python lessons/01_backend.py
 --exercise N` grades the function in the lesson, `--exercise N --solution` grades the one here."""
 
-import numpy as np
-
 from minparcae.backend import array_module
 
 
