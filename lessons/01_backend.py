@@ -130,8 +130,9 @@ assert getattr(REFERENCE, "rmsnorm") is rmsnorm and replaced
 # %% [markdown]
 # ## Exercises
 #
-# Every lesson ends with two or three exercises: a function for you to write, whose body is
-# `raise NotImplementedError` under a one-line spec, and the check that grades it. A check runs
+# Every lesson has two or three exercises, at its end (lesson 6's come where its kernels are
+# taught): a function for you to write, whose body is `raise NotImplementedError` under a one-line
+# spec, and the check that grades it. A check runs
 # your function on small inputs and prints a line for each value it compares: exact, approximate
 # (within a tolerance it states, as float64 rounding in another order gives) or WRONG, with the
 # size and the place of the largest error. From the repository root:
