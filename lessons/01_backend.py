@@ -18,6 +18,9 @@ import numpy as np
 from minparcae import backend, kernels
 from minparcae.ops import REFERENCE, injection, rmsnorm
 
+import exercise  # lessons/exercise.py
+exercise.grade_if_asked()  # with --exercise N: grade exercise N (the end of the lesson) and stop
+
 # %% [markdown]
 # ## 1. Which device?
 #
@@ -123,4 +126,108 @@ fast = kernels.select("cpu")
 replaced = [name for name in fast._fields if getattr(fast, name) is not getattr(REFERENCE, name)]
 print(f"replaced on the CPU: {', '.join(replaced)}; the reference elsewhere")
 assert getattr(REFERENCE, "rmsnorm") is rmsnorm and replaced
+
+# %% [markdown]
+# ## Exercises
+#
+# Every lesson has two or three exercises, at its end (lesson 6's come where its kernels are
+# taught): a function for you to write, whose body is `raise NotImplementedError` under a one-line
+# spec, and the check that grades it. A check runs
+# your function on small inputs and prints a line for each value it compares: exact, approximate
+# (within a tolerance it states, as float64 rounding in another order gives) or WRONG, with the
+# size and the place of the largest error. From the repository root:
+#
+#     python lessons/01_backend.py --exercise 1              # grade your onehot (or 2, 3)
+#     python lessons/01_backend.py --exercise 1 --solution   # grade lessons/solutions/01_backend.py's
+#
+# It exits with status 0 once your answer is right. With `--exercise N` a lesson runs only its
+# first cell and the cells of its Exercises section, which import what they need, so grading takes
+# a moment even in the lessons that train a model. In a notebook, call the check on your function:
+# `check_onehot(onehot)`. Solutions are in `lessons/solutions/`, one file per lesson.
+#
+# 1. `onehot`: the one-hot rows of a vector of token ids, on the ids' own device. The check runs it
+#    on NumPy and on `tests/fakecupy.py`, a CPU stand-in for CuPy that refuses, as CuPy does, to
+#    mix host and device arrays: an answer that makes its array with `np.` fails there.
+# 2. `unit_roundoff`: section 3's u for a floating dtype, found by halving, without `np.finfo`.
+# 3. `log_sigmoid`: log σ(x) = −softplus(−x), rewritten as section 2 rewrites softplus, so that it
+#    is finite and accurate for any x, in float32 too.
+
+# %%
+import os
+import sys
+
+import numpy as np
+
+from exercise import cmp, expect
+from minparcae import backend
+
+# tests/fakecupy.py, the stand-in for CuPy (a notebook has no __file__: it runs in lessons/)
+HERE = os.path.dirname(os.path.abspath(globals().get("__file__", "01_backend.py")))
+sys.path.append(os.path.join(os.path.dirname(HERE), "tests"))
+import fakecupy  # noqa: E402
+
+
+def onehot(ids, V):
+    """ids: (N,) integers in [0, V). Returns (N, V) float32 with a 1 at [i, ids[i]], 0 elsewhere,
+    on the device of ids."""
+    raise NotImplementedError  # exercise 1: xp = backend.array_module(ids), then xp.zeros(...)
+
+
+def check_onehot(fn):
+    ids, V = np.array([3, 0, 4, 3, 1]), 6
+    want = np.eye(V, dtype=np.float32)[ids]
+    out = fn(ids, V)
+    ok = [cmp("on NumPy", out, want),
+          expect("dtype", getattr(out, "dtype", None) == np.float32, f"{getattr(out, 'dtype', out)}, "
+                                                                      "want float32")]
+    with fakecupy.installed() as cupy:  # `import cupy` gives the stand-in until the block ends
+        gpu_ids = cupy.asarray(ids)
+        try:
+            out = fn(gpu_ids, V)
+        except TypeError as error:  # the stand-in's refusal to mix host and device arrays
+            return expect("on a GPU", False, f"TypeError: {error}")
+        on_gpu = backend.array_module(out) is cupy
+        ok += [expect("on a GPU", on_gpu, f"returned a {type(out).__module__} array for a CuPy "
+                                          "input: make it with the input's module")]
+        if on_gpu:
+            ok.append(cmp("values on GPU", backend.to_host(out), want))
+    return all(ok)
+
+
+# %%
+def unit_roundoff(dtype):
+    """The largest power of two u for which dtype(1) + dtype(u) == dtype(1), as a float."""
+    raise NotImplementedError  # exercise 2: halve u, in `dtype` arithmetic, until 1 + u == 1
+
+
+def check_unit_roundoff(fn):
+    return all([cmp(np.dtype(t).name, fn(t), np.finfo(t).eps / 2, rtol=0)
+                for t in (np.float16, np.float32, np.float64)])
+
+
+# %%
+def log_sigmoid(x):
+    """log(1 / (1 + e^(−x))) for an array x, finite for any x, in x's dtype and on x's device."""
+    raise NotImplementedError  # exercise 3: −softplus(−x), with softplus written as section 2 does
+
+
+def check_log_sigmoid(fn):
+    x = np.array([-1000.0, -40.0, -1.0, -1e-8, 0.0, 1e-8, 1.0, 5.0])
+    tail = np.array([20.0, 40.0, 300.0, 700.0])         # log σ(x) ≈ −e^(−x): down to 1e-304
+    want, want_tail = -np.logaddexp(0, -x), -np.logaddexp(0, -tail)
+    x32 = np.array([-1000.0, -1.0, 0.0, 1000.0], dtype=np.float32)
+    got32 = fn(x32)
+    return all([
+        cmp("x ≤ 5", fn(x), want, rtol=1e-15),
+        # each entry to 1e-14 of itself: 1 + e^(−x) rounds to 1 in float64 for x > 37
+        cmp("x ≥ 20, each", fn(tail) / want_tail, np.ones_like(tail), rtol=1e-14),
+        expect("float32 dtype", got32.dtype == np.float32, f"{got32.dtype}, want float32"),
+        cmp("float32", got32, -np.logaddexp(0, -x32.astype(np.float64)), rtol=1e-6)])
+
+
+# %%
+EXERCISES = {1: (onehot, check_onehot), 2: (unit_roundoff, check_unit_roundoff),
+             3: (log_sigmoid, check_log_sigmoid)}
+
+# %%
 print("lesson 1 passed")

@@ -18,6 +18,9 @@ import numpy as np
 from minparcae.gradcheck import check_op, numeric_grad, rel_error
 from minparcae.ops import linear, mlp
 
+import exercise  # lessons/exercise.py
+exercise.grade_if_asked()  # with --exercise N: grade exercise N (the end of the lesson) and stop
+
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -157,4 +160,90 @@ assert errs[1e-1] > 1e-4            # too large: the nudge crosses ReLU's kink
 assert errs[1e-11] > 1e-7           # too small: rounding dominates
 assert errs[1e-3] < 1e-12 and errs[1e-5] < 1e-10
 assert errs[1e-9] > 10 * errs[1e-5]  # rounding error ∝ 1/ε
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function, then grade it (lesson 1 says how exercises work):
+#
+#     python lessons/02_linear.py --exercise 1              # or 2, 3
+#     python lessons/02_linear.py --exercise 1 --solution   # lessons/solutions/ instead
+#
+# 1. `linear_backward`: section 2's backward, for an x with leading axes, (B, S, n_in): dW sums
+#    over all B·S rows. Graded against `linear.backward`, also with a square W, where a forgotten
+#    transpose still has the right shape.
+# 2. `mlp_backward`: section 4's chain rule, written out: recompute the forward, then walk back
+#    through both linear layers and the ReLU² between them. Graded against `mlp.backward`.
+# 3. `central_differences`: section 3's estimate for every entry of an array, which must be left
+#    as it was found. Graded on a smooth function whose gradient is known, to 1e-8.
+
+# %%
+import numpy as np
+
+from exercise import cmp, expect
+from minparcae.ops import linear, mlp
+
+
+def linear_backward(dout, x, w):
+    """y = x w, x: (..., n_in), w: (n_in, n_out), dout = dL/dy. Returns (dL/dx, dL/dw)."""
+    raise NotImplementedError  # exercise 1: dL/dx = G Wᵀ, dL/dW = xᵀ G summed over every row
+
+
+def check_linear_backward(fn):
+    rng = np.random.default_rng(1)
+    ok = []
+    for what, x_shape, w_shape in (("(B, S, n_in)", (2, 3, 4), (4, 5)), ("square W", (5, 3), (3, 3))):
+        x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+        y, cache = linear.forward(x, w)
+        G = rng.standard_normal(y.shape)
+        ref = linear.backward(G, cache)
+        dx, dw = fn(G, x, w)
+        ok += [cmp(f"dx, {what}", dx, ref["x"]), cmp(f"dW, {what}", dw, ref["w"])]
+    return all(ok)
+
+
+# %%
+def mlp_backward(dout, x, w_fc, w_proj):
+    """y = ½ relu(x W_fc)² W_proj, dout = dL/dy. Returns (dL/dx, dL/dW_fc, dL/dW_proj)."""
+    raise NotImplementedError  # exercise 2: u = x W_fc, a = relu(u), then back: dL/du = dL/dg ⊙ a
+
+
+def check_mlp_backward(fn):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 8))
+    w_fc, w_proj = rng.standard_normal((8, 16)) / 8**0.5, rng.standard_normal((16, 8)) / 16**0.5
+    y, cache = mlp.forward(x, w_fc, w_proj)
+    G = rng.standard_normal(y.shape)
+    ref = mlp.backward(G, cache)
+    dx, dw_fc, dw_proj = fn(G, x, w_fc, w_proj)
+    return all([cmp("dx", dx, ref["x"]), cmp("dW_fc", dw_fc, ref["w_fc"]),
+                cmp("dW_proj", dw_proj, ref["w_proj"])])
+
+
+# %%
+def central_differences(f, x, eps=1e-6):
+    """f: a function of no arguments that reads the array x and returns a float. Returns the
+    array, shaped like x, of (f(x + ε e_i) − f(x − ε e_i)) / 2ε; x ends as it began."""
+    raise NotImplementedError  # exercise 3: nudge x.flat[i] up, then down, then put it back
+
+
+def check_central_differences(fn):
+    # L = Σ tanh(x W) ⊙ R is smooth, and dL/dx = ((1 − tanh²(x W)) ⊙ R) Wᵀ exactly; central
+    # differences at ε = 1e-6 agree to about 1e-10 (lesson 2, section 5), a one-sided difference
+    # only to about ε.
+    rng = np.random.default_rng(3)
+    x, W, R = rng.standard_normal((3, 4)), rng.standard_normal((4, 5)), rng.standard_normal((3, 5))
+    before = x.copy()
+    got = fn(lambda: float((np.tanh(x @ W) * R).sum()), x)
+    want = ((1 - np.tanh(before @ W) ** 2) * R) @ W.T
+    return all([cmp("dL/dx", got, want, rtol=1e-8),
+                expect("x afterwards", np.array_equal(x, before),
+                       "x was changed: put each entry back after nudging it")])
+
+
+# %%
+EXERCISES = {1: (linear_backward, check_linear_backward), 2: (mlp_backward, check_mlp_backward),
+             3: (central_differences, check_central_differences)}
+
+# %%
 print("lesson 2 passed")

@@ -17,6 +17,9 @@ import numpy as np
 from minparcae.gradcheck import check_grads
 from minparcae.ops import cross_entropy
 
+import exercise  # lessons/exercise.py
+exercise.grade_if_asked()  # with --exercise N: grade exercise N (the end of the lesson) and stop
+
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -152,4 +155,89 @@ errors = check_grads(lambda: float(cross_entropy.forward(z, y, softcap=2.0)[0]),
                      {"logits": z}, {"logits": dz_cap})
 print(f"soft-capped at 2: loss {float(loss_cap):.4f}, finite differences {errors['logits']:.1e}")
 assert errors["logits"] < 1e-7
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function, then grade it (lesson 1 says how exercises work):
+#
+#     python lessons/03_cross_entropy.py --exercise 1              # or 2, 3
+#     python lessons/03_cross_entropy.py --exercise 1 --solution   # lessons/solutions/ instead
+#
+# 1. `cross_entropy_loss`: L of section 1 over the targets that are not IGNORE_INDEX (section 4),
+#    and 0 when every target is ignored. The check gives it logits near 1e4 too, where e^z
+#    overflows unless the row maximum comes out first (section 3).
+# 2. `cross_entropy_grad`: dL/dz of the same loss, softmax − onehot over the valid rows, divided by
+#    their number, and zero rows for the ignored ones.
+# 3. `softcap_backward`: the chain rule through the soft-cap of section 5, from the gradient with
+#    respect to the capped logits to the gradient with respect to the raw ones.
+#
+# All three are graded against `minparcae/ops/cross_entropy.py` in float64.
+
+# %%
+import numpy as np
+
+from exercise import cmp
+from minparcae.ops import cross_entropy
+
+
+def cross_entropy_loss(logits, targets):
+    """logits: (N, V); targets: (N,) ids, −1 for ignored. The mean of logsumexp(z) − z_y over the
+    rows whose target is not −1, as a float (0.0 if there are none)."""
+    raise NotImplementedError  # exercise 1: subtract each row's maximum before exponentiating
+
+
+def cross_entropy_cases():
+    """(name, logits, targets): ordinary logits with two targets ignored, the same shifted by 1e4,
+    and a batch whose every target is ignored."""
+    rng = np.random.default_rng(1)
+    z, y = 3 * rng.standard_normal((6, 10)), rng.integers(0, 10, 6)
+    y[[1, 4]] = cross_entropy.IGNORE_INDEX
+    return [("z", z, y), ("z + 1e4", z + 1e4, y), ("all ignored", z, np.full(6, -1))]
+
+
+def check_cross_entropy_loss(fn):
+    # rtol 1e-10: at 1e4 the logits carry only ~1e-12 of absolute precision, in any order of sums
+    return all([cmp(f"L, {name}", fn(z, y), cross_entropy.loss(z, y), rtol=1e-10)
+                for name, z, y in cross_entropy_cases()])
+
+
+# %%
+def cross_entropy_grad(logits, targets):
+    """dL/dlogits (N, V) of cross_entropy_loss: zero rows where the target is −1."""
+    raise NotImplementedError  # exercise 2: (softmax − onehot) / N_valid on the valid rows
+
+
+def check_cross_entropy_grad(fn):
+    ok = []
+    for name, z, y in cross_entropy_cases():
+        want = cross_entropy.backward(1.0, cross_entropy.forward(z, y)[1])["logits"]
+        ok.append(cmp(f"dL/dz, {name}", fn(z, y), want, rtol=1e-10))
+    return all(ok)
+
+
+# %%
+def softcap_backward(dcapped, logits, c):
+    """dcapped = dL/dz_c, where z_c = c·tanh(logits / c). Returns dL/dlogits."""
+    raise NotImplementedError  # exercise 3: one factor, d(c·tanh(z/c))/dz, per entry
+
+
+def check_softcap_backward(fn):
+    rng = np.random.default_rng(2)
+    z, y = 4 * rng.standard_normal((5, 8)), rng.integers(0, 8, 5)
+    ok = []
+    for c in (2.0, 30.0):
+        capped = c * np.tanh(z / c)
+        dcapped = cross_entropy.backward(1.0, cross_entropy.forward(capped, y)[1])["logits"]
+        want = cross_entropy.backward(1.0, cross_entropy.forward(z, y, softcap=c)[1])["logits"]
+        ok.append(cmp(f"dL/dz, c = {c:g}", fn(dcapped, z, c), want))
+    return all(ok)
+
+
+# %%
+EXERCISES = {1: (cross_entropy_loss, check_cross_entropy_loss),
+             2: (cross_entropy_grad, check_cross_entropy_grad),
+             3: (softcap_backward, check_softcap_backward)}
+
+# %%
 print("lesson 3 passed")

@@ -17,6 +17,9 @@ import numpy as np
 from minparcae.gradcheck import check_op, numeric_grad, rel_error
 from minparcae.ops import rmsnorm
 
+import exercise  # lessons/exercise.py
+exercise.grade_if_asked()  # with --exercise N: grade exercise N (the end of the lesson) and stop
+
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -120,6 +123,72 @@ for eps in (0.0, rmsnorm.EPS):
 # %% [markdown]
 # The blocks of the model use RMSNorm with a gain; the attention of lesson 5 uses it without one
 # (QK-norm), on queries and keys.
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function, then grade it (lesson 1 says how exercises work):
+#
+#     python lessons/04_rmsnorm.py --exercise 1              # or 2
+#     python lessons/04_rmsnorm.py --exercise 1 --solution   # lessons/solutions/ instead
+#
+# 1. `rmsnorm_backward`: section 2's backward from the input alone: recompute r and x̂, then dL/dx
+#    and dL/dw for a batch (B, S, n), dL/dw summed over every row. Graded against
+#    `rmsnorm.backward`.
+# 2. `layernorm_backward`: the same derivation for LayerNorm without a gain, which also subtracts
+#    the row mean: y = (x − μ) r with μ = mean_j x_j and r = 1/√(mean_j (x_j − μ)² + eps). Its
+#    Jacobian removes two directions where RMSNorm's removes one. Graded against central
+#    differences (lesson 2) to 1e-7.
+
+# %%
+import numpy as np
+
+from exercise import cmp
+from minparcae.gradcheck import numeric_grad
+from minparcae.ops import rmsnorm
+
+
+def rmsnorm_backward(dout, x, w, eps=rmsnorm.EPS):
+    """y = x r ⊙ w, r = 1/√(mean_j x_j² + eps) per row; dout = dL/dy. Returns (dL/dx, dL/dw)."""
+    raise NotImplementedError  # exercise 1: ĝ = G ⊙ w; dL/dx = r (ĝ − x̂ · mean_j(ĝ_j x̂_j))
+
+
+def check_rmsnorm_backward(fn):
+    rng = np.random.default_rng(1)
+    ok = []
+    for scale in (1.0, 1e3):  # the rows' own size must cancel out, whatever it is
+        x, w = scale * rng.standard_normal((2, 5, 16)), rng.standard_normal(16)
+        y, cache = rmsnorm.forward(x, w)
+        G = rng.standard_normal(y.shape)
+        want = rmsnorm.backward(G, cache)
+        dx, dw = fn(G, x, w)
+        ok += [cmp(f"dx, |x| ~ {scale:g}", dx, want["x"]), cmp(f"dw, |x| ~ {scale:g}", dw, want["weight"])]
+    return all(ok)
+
+
+# %%
+def layernorm_forward(x, eps=rmsnorm.EPS):
+    """y = (x − μ) / √(mean_j (x_j − μ)² + eps) over the last axis, μ = mean_j x_j."""
+    xc = x - x.mean(axis=-1, keepdims=True)
+    return xc / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+
+
+def layernorm_backward(dout, x, eps=rmsnorm.EPS):
+    """dout = dL/dy for y = layernorm_forward(x, eps). Returns dL/dx."""
+    raise NotImplementedError  # exercise 2: as section 2, with x̂ = (x − μ) r and ∂μ/∂x_j = 1/n
+
+
+def check_layernorm_backward(fn):
+    rng = np.random.default_rng(2)
+    x, G = rng.standard_normal((3, 2, 8)), rng.standard_normal((3, 2, 8))
+    _, want = numeric_grad(lambda: float((layernorm_forward(x) * G).sum()), x)
+    # central differences at ε = 1e-6 carry ~1e-10 of rounding here; a wrong term is off by O(1)
+    return cmp("dx", fn(G, x), want.reshape(x.shape), rtol=1e-7)
+
+
+# %%
+EXERCISES = {1: (rmsnorm_backward, check_rmsnorm_backward),
+             2: (layernorm_backward, check_layernorm_backward)}
 
 # %%
 print("lesson 4 passed")

@@ -20,6 +20,9 @@ from minparcae import model
 from minparcae.gradcheck import check_grads, check_op
 from minparcae.ops import REFERENCE, attention, rmsnorm, rotary
 
+import exercise  # lessons/exercise.py
+exercise.grade_if_asked()  # with --exercise N: grade exercise N (the end of the lesson) and stop
+
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -220,4 +223,81 @@ inputs = {"x": rng.standard_normal((B, S, d)),
 worst, errors = check_op(layer, layer_backward, inputs, cos=cos, sin=sin, n_head=H, n_kv_head=H_kv)
 print("model.attention_forward/backward:", {k: f"{v:.1e}" for k, v in errors.items()})
 assert worst < 1e-8 and set(errors) == set(inputs)
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function, then grade it (lesson 1 says how exercises work):
+#
+#     python lessons/05_attention.py --exercise 1              # or 2, 3
+#     python lessons/05_attention.py --exercise 1 --solution   # lessons/solutions/ instead
+#
+# 1. `rotary_backward`: the gradient through section 1's rotation, for every head and position.
+#    Graded against `rotary.backward`.
+# 2. `softmax_backward`: section 4's softmax line for whole (B, H, S, S) blocks of causal
+#    probabilities, without forming a Jacobian. Graded against J·dp with the explicit Jacobian
+#    diag(p) − ppᵀ of every row.
+# 3. `attention_backward`: the core Y = softmax(q kᵀ · scale, causal) v backwards, to dq, dk and
+#    dv (every query head with its own key and value head). Graded against `attention.backward`.
+
+# %%
+import numpy as np
+
+from exercise import cmp
+from minparcae.ops import attention, rotary
+
+
+def rotary_backward(dout, cos, sin):
+    """dout = dL/dy for y = rotary.forward(x, cos, sin)[0], x: (B, H, S, hs); cos, sin: (S, hs/2).
+    Returns dL/dx."""
+    raise NotImplementedError  # exercise 1: rotate each pair (2i, 2i + 1) of dout by −pθ_i
+
+
+def check_rotary_backward(fn):
+    rng = np.random.default_rng(1)
+    cos, sin = rotary.tables(5, 8, dtype=np.float64)
+    G = rng.standard_normal((2, 3, 5, 8))
+    return cmp("dx", fn(G, cos, sin), rotary.backward(G, rotary.Cache(cos, sin))["x"])
+
+
+# %%
+def softmax_backward(dp, p):
+    """p = softmax(s) along the last axis, (..., S); dp = dL/dp. Returns dL/ds."""
+    raise NotImplementedError  # exercise 2: p ⊙ (dp − Σ_j dp_j p_j), row by row
+
+
+def check_softmax_backward(fn):
+    rng = np.random.default_rng(2)
+    B, H, S = 2, 3, 5
+    s = np.where(np.tri(S, dtype=bool), rng.standard_normal((B, H, S, S)), -np.inf)  # causal
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    dp = rng.standard_normal(p.shape)
+    J = p[..., :, None] * np.eye(S) - p[..., :, None] * p[..., None, :]  # (B, H, S, S, S), one per row
+    return cmp("ds", fn(dp, p), np.einsum("...ij,...j->...i", J, dp))
+
+
+# %%
+def attention_backward(dy, q, k, v, scale):
+    """Y = softmax(q kᵀ · scale, causal) v for q, k, v: (B, H, S, hs); dy = dL/dY.
+    Returns (dL/dq, dL/dk, dL/dv)."""
+    raise NotImplementedError  # exercise 3: recompute P, then dP = dY vᵀ, dv = Pᵀ dY, ds, dq, dk
+
+
+def check_attention_backward(fn):
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 2, 6, 4)) for _ in range(3))
+    y, cache = attention.forward(q, k, v, 0.5)
+    G = rng.standard_normal(y.shape)
+    want = attention.backward(G, cache)
+    dq, dk, dv = fn(G, q, k, v, 0.5)
+    return all([cmp("dq", dq, want["q"]), cmp("dk", dk, want["k"]), cmp("dv", dv, want["v"])])
+
+
+# %%
+EXERCISES = {1: (rotary_backward, check_rotary_backward),
+             2: (softmax_backward, check_softmax_backward),
+             3: (attention_backward, check_attention_backward)}
+
+# %%
 print("lesson 5 passed")

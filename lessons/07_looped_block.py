@@ -26,6 +26,9 @@ import numpy as np
 from minparcae import model
 from minparcae.ops import REFERENCE, embedding, injection, rmsnorm, rotary
 
+import exercise  # lessons/exercise.py
+exercise.grade_if_asked()  # with --exercise N: grade exercise N (the end of the lesson) and stop
+
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -192,4 +195,81 @@ for k, nbytes in by_k.items():
 per_step = by_k[2] - by_k[1]
 assert all(by_k[k + 1] - by_k[k] == per_step > 0 for k in (1, 2, 3))   # linear in μ_bwd
 print(f"each backpropagated loop step keeps {per_step:,} bytes, whatever T is")
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function, then grade it (lesson 1 says how exercises work):
+#
+#     python lessons/07_looped_block.py --exercise 1              # or 2
+#     python lessons/07_looped_block.py --exercise 1 --solution   # lessons/solutions/ instead
+#
+# 1. `run_loop`: section 2's recurrence as one function, for any of the three injections
+#    (`cfg.injection`: "diagonal", "add" or "linear"; lesson 8 compares them): B̄e once, then T
+#    steps of the injection and the shared blocks. Graded against `model.state_after`, the model's
+#    own loop, for each injection at T = 1 and T = 5.
+# 2. `train_flops_per_token`: section 3's count of a training step, from nothing but the FLOPs of
+#    forward passes at any loop count you ask for: what one loop step costs, what the rest costs,
+#    and then forward and backward. Graded against `model.flops_per_token(cfg)` on three configs.
+
+# %%
+from dataclasses import replace
+
+import numpy as np
+
+from exercise import cmp
+from minparcae import model
+from minparcae.ops import REFERENCE, injection, rmsnorm
+
+
+def run_loop(pf, cfg, e, h0, T, rope):
+    """h_T of h_t = R(Ā h_{t−1} + B̄ e) from h_0 = h0 (B, S, d_h), R: the blocks core.0 ..
+    core.{n_r − 1}; pf: the parameters with fused qkv; rope: the rotary tables by head size."""
+    raise NotImplementedError  # exercise 1: injection.input_forward once, then T steps
+
+
+def check_run_loop(fn):
+    rng = np.random.default_rng(1)
+    ok = []
+    for kind in ("diagonal", "add", "linear"):
+        cfg = model.Config(vocab_size=64, context=16, d_model=16, n_head=2, n_prelude=1,
+                           n_recurrent=2, n_coda=1, injection=kind)
+        p = {k: v + 0.3 * rng.standard_normal(v.shape)      # noise: no block is the identity
+             for k, v in model.init_params(cfg, seed=0, dtype=np.float64, xp=np).items()}
+        if kind == "linear":                                  # keep ρ(W_h) below 1: no blow-up
+            p["inject.W"][:cfg.d_h] *= 0.5 / injection.spectral_radius(kind, p)
+        ids = rng.integers(0, cfg.vocab_size, (2, 8))
+        h0 = model.initial_state(cfg, (2, 8, cfg.d_h), "seeded", dtype=np.float64)
+        pf = model.with_fused_qkv(p, cfg)
+        x, rope, _, _ = model.prelude_forward(pf, cfg, ids, REFERENCE)
+        e = rmsnorm.forward(x, p["prelude_norm"])[0]
+        for T in (1, 5):
+            ok.append(cmp(f"h_T, {kind}, T = {T}", fn(pf, cfg, e, h0, T, rope),
+                          model.state_after(p, cfg, ids, T, h0)))
+    return all(ok)
+
+
+# %%
+def train_flops_per_token(cfg, forward_flops):
+    """forward_flops(T): FLOPs per token of a forward pass at T loop steps. Returns the FLOPs per
+    token of a training step: cfg.mean_recurrence steps forward, the last cfg.backprop_depth of
+    them backward, every backward costing twice its forward."""
+    raise NotImplementedError  # exercise 2: a loop step = forward_flops(2) − forward_flops(1)
+
+
+def check_train_flops_per_token(fn):
+    tiny = model.preset("tiny")
+    ok = []
+    for name, cfg in (("tiny", tiny), ("μ_rec 8, μ_bwd 4", replace(tiny, mean_recurrence=8,
+                                                                      backprop_depth=4)),
+                      ("linear injection", replace(tiny, injection="linear"))):
+        got = fn(cfg, lambda T: model.flops_per_token(cfg, train=False, n_loops=T))
+        ok.append(cmp(name, got, model.flops_per_token(cfg)))
+    return all(ok)
+
+
+# %%
+EXERCISES = {1: (run_loop, check_run_loop), 2: (train_flops_per_token, check_train_flops_per_token)}
+
+# %%
 print("lesson 7 passed")

@@ -37,6 +37,9 @@ from minparcae import model
 from minparcae.ops import injection
 from pictures import Panel, picture
 
+import exercise  # lessons/exercise.py
+exercise.grade_if_asked()  # with --exercise N: grade exercise N (the end of the lesson) and stop
+
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -473,4 +476,113 @@ for lr in lower:
     gap_linear = over_seeds("linear", lr, "val_loss") - over_seeds("diagonal", lr, "val_loss")
     print(f"  {lr:.0e}: additive − diagonal {gap_add:+.3f}, linear − diagonal {gap_linear:+.3f}")
     assert abs(gap_add) < 0.06 and 0.1 < gap_linear < 0.2
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function, then grade it (lesson 1 says how exercises work):
+#
+#     python lessons/08_stability.py --exercise 1              # or 2, 3
+#     python lessons/08_stability.py --exercise 1 --solution   # lessons/solutions/ instead
+#
+# 1. `zoh`: section 3's exact zero-order hold, Ā and the exact B̄ = A⁻¹(Ā − I)B (not minparcae's
+#    Δ·B). Graded against the differential equation dh/dτ = A h + B e itself, integrated over one
+#    step with 1000 Runge–Kutta substeps, to 1e-10; also at A_log = −40, where the rate Δ·a is
+#    about 1e-17, Ā rounds to 1, and 1 − Ā says nothing about how far below 1 it was.
+# 2. `linear_rho_and_norm`: ρ(W_h) and ‖W_h‖₂ of the linear injection, from its matrix W as
+#    minparcae stores it (the h rows first: x = [h; e] W). Graded against `injection.spectral_radius`
+#    and NumPy's matrix norm.
+# 3. `fixed_point`: h* of the linear part h ← Ā h + B̄ e (section 1), for the diagonal and the linear
+#    kinds with ρ < 1, without iterating. Graded by one step of the injection, which must leave h*
+#    where it is, to 1e-12.
+
+# %%
+import numpy as np
+
+from exercise import cmp
+from minparcae.ops import injection
+
+
+def zoh(A_log, dt_bias, B):
+    """A = −exp(A_log), Δ = softplus(dt_bias), both (d_h,); B: (d, d_h), stored (in, out).
+    Returns (Ā (d_h,), B̄ (d, d_h)) of the exact zero-order hold: h ← Ā ⊙ h + e B̄."""
+    raise NotImplementedError  # exercise 1: B̄ = B·(1 − Ā)/a per column; mind 1 − Ā when Ā ≈ 1
+
+
+def one_step_by_ode(A_log, dt_bias, n_sub=1000):
+    """(Ā, B̄ / B) by integrating dh/dτ = −a h + f over one step Δ with classic RK4, per coordinate:
+    from h = 1 with f = 0 it ends at Ā, from h = 0 with f = 1 at B̄'s factor."""
+    _, Delta, a = injection.diagonal_decay(A_log, dt_bias)
+    ends = []
+    for h, f in ((np.ones_like(a), 0.0), (np.zeros_like(a), 1.0)):
+        dt = Delta / n_sub
+        for _ in range(n_sub):
+            k1 = -a * h + f
+            k2 = -a * (h + dt / 2 * k1) + f
+            k3 = -a * (h + dt / 2 * k2) + f
+            k4 = -a * (h + dt * k3) + f
+            h = h + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        ends.append(h)
+    return ends
+
+
+def check_zoh(fn):
+    rng = np.random.default_rng(1)
+    B = rng.standard_normal((6, 4))
+    ok = []
+    for name, A_log in (("A_log ~ U(−1, 3)", rng.uniform(-1, 3, 4)), ("A_log = −40", np.full(4, -40.0))):
+        dt_bias = rng.uniform(-1, 1, 4)
+        A_bar, factor = one_step_by_ode(A_log, dt_bias)
+        got_A, got_B = fn(A_log, dt_bias, B)
+        ok += [cmp(f"Ā, {name}", got_A, A_bar, rtol=1e-10), cmp(f"B̄, {name}", got_B, B * factor, rtol=1e-10)]
+    return all(ok)
+
+
+# %%
+def linear_rho_and_norm(W):
+    """W: (d_h + d, d_h), the linear injection's inject.W: x = h W[:d_h] + e W[d_h:].
+    Returns (ρ(W_h), ‖W_h‖₂), the largest |eigenvalue| and the largest singular value of W_h."""
+    raise NotImplementedError  # exercise 2: np.linalg.eigvals and np.linalg.norm(·, 2) of W_h
+
+
+def check_linear_rho_and_norm(fn):
+    rng = np.random.default_rng(2)
+    ok = []
+    for d_h, d in ((6, 6), (4, 10)):
+        W = rng.standard_normal((d_h + d, d_h)) / d_h**0.5
+        rho, norm = fn(W)
+        ok += [cmp(f"ρ, d_h {d_h}, d {d}", rho, injection.spectral_radius("linear", {"inject.W": W})),
+               cmp(f"‖W_h‖₂, d_h {d_h}, d {d}", norm, np.linalg.norm(W[:d_h], 2))]
+    return all(ok)
+
+
+# %%
+def fixed_point(kind, p, e):
+    """h* with h* = Ā h* + B̄ e, for kind "diagonal" (p: inject.A_log, inject.dt_bias, inject.B) or
+    "linear" (p: inject.W, with ρ(W_h) < 1); e: (B, S, d). Returns h*: (B, S, d_h)."""
+    raise NotImplementedError  # exercise 3: solve (I − Ā) h* = B̄ e; rows are vectors: h W_h
+
+
+def check_fixed_point(fn):
+    rng = np.random.default_rng(3)
+    d, d_h = 5, 4
+    e = rng.standard_normal((2, 3, d))
+    W = rng.standard_normal((d_h + d, d_h))
+    W[:d_h] *= 0.8 / injection.spectral_radius("linear", {"inject.W": W})  # ρ(W_h) = 0.8
+    ok = []
+    for kind, p in (("diagonal", {"inject.A_log": rng.uniform(-2, 1, d_h),
+                                  "inject.dt_bias": rng.uniform(-2, 1, d_h),
+                                  "inject.B": rng.standard_normal((d, d_h))}),
+                    ("linear", {"inject.W": W})):
+        h = fn(kind, p, e)
+        u, _ = injection.input_forward(kind, p, e)
+        ok.append(cmp(f"step(h*), {kind}", injection.state_forward(kind, p, h, u)[0], h))
+    return all(ok)
+
+
+# %%
+EXERCISES = {1: (zoh, check_zoh), 2: (linear_rho_and_norm, check_linear_rho_and_norm),
+             3: (fixed_point, check_fixed_point)}
+
+# %%
 print("lesson 8 passed")

@@ -22,6 +22,9 @@ import numpy as np
 from minparcae import data, model
 from minparcae.gradcheck import check_grads, rel_error
 
+import exercise  # lessons/exercise.py
+exercise.grade_if_asked()  # with --exercise N: grade exercise N (the end of the lesson) and stop
+
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -185,4 +188,121 @@ print(f"validation loss at T = μ_rec: {before:.3f} before training, {after:.3f}
 assert abs(before - np.log(V)) < 0.5                  # an untrained model is close to uniform
 assert np.mean(losses[-10:]) < losses[0] - 1.5        # the training loss fell by over 1.5 nats
 assert after < unigram                                # and the model uses its context
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function, then grade it (lesson 1 says how exercises work); grading trains nothing:
+#
+#     python lessons/09_training.py --exercise 1              # or 2, 3
+#     python lessons/09_training.py --exercise 1 --solution   # lessons/solutions/ instead
+#
+# 1. `sample_depths`: section 1's depth per sequence, from the generator it is given. Graded on
+#    200,000 draws at two μ_rec: every depth at least 1, the mean μ_rec + e^(−μ_rec) and the share
+#    of each depth that of the clamped Poisson distribution, within stated tolerances (several
+#    standard errors of the sample), and the same draws again from an equal generator.
+# 2. `loop_schedule`: what each sequence of a batch does at each of the T = max(depths) steps of
+#    section 1's right-aligned loop: wait, run without gradient, or run with it. Graded exactly;
+#    the steps with gradient are read from the caches of `model.forward` itself.
+# 3. `truncated_grads`: section 2's point on a scalar loop, h_t = a·h_{t−1} + b·e, L = h_T: the
+#    gradient with respect to a and b of the loss whose first T − k steps are frozen. Graded
+#    against central differences of that frozen-state loss, to 1e-7.
+
+# %%
+import numpy as np
+
+from exercise import cmp, expect
+from minparcae import model
+
+
+def sample_depths(rng, batch, mu_rec):
+    """(batch,) int loop counts, max(1, Poisson(mu_rec)) each, drawn from the Generator rng."""
+    raise NotImplementedError  # exercise 1: rng.poisson, then clamp the zeros
+
+
+def check_sample_depths(fn):
+    ok = []
+    for mu in (4.0, 1.5):
+        n = 200_000
+        depths = np.asarray(fn(np.random.default_rng(1), n, mu))
+        again = np.asarray(fn(np.random.default_rng(1), n, mu))
+        share = np.bincount(np.clip(depths, 0, 30), minlength=31)[:31] / n
+        pmf = np.exp(-mu) * np.cumprod(np.r_[1.0, np.full(30, mu) / np.arange(1, 31)])  # Poisson
+        want = np.r_[0.0, pmf[0] + pmf[1], pmf[2:]]                  # P(0) moves to depth 1
+        mean, mean_want = depths.mean(), mu + np.exp(-mu)
+        gap = np.abs(share - want).max()
+        ok += [expect(f"μ {mu:g}: shape, ints", depths.shape == (n,) and depths.dtype.kind in "iu",
+                      f"{depths.shape} {depths.dtype}, want ({n},) integers"),
+               expect(f"μ {mu:g}: depth ≥ 1", depths.min() >= 1, f"the smallest is {depths.min()}"),
+               expect(f"μ {mu:g}: mean", abs(mean - mean_want) < 0.03, f"{mean:.4f}, want "
+                      f"{mean_want:.4f} ± 0.03", f"{mean:.4f}, μ + e^(−μ) = {mean_want:.4f}"),
+               expect(f"μ {mu:g}: shares", gap < 0.005, f"off by up to {gap:.4f}, the worst at depth "
+                      f"{np.abs(share - want).argmax()}", f"within {gap:.4f} of the distribution's"),
+               expect(f"μ {mu:g}: from rng", np.array_equal(depths, again),
+                      "two equal generators gave different depths: draw from rng, not np.random")]
+    return all(ok)
+
+
+# %%
+WAIT, FORWARD, GRAD = 0, 1, 2
+
+
+def loop_schedule(depths, mu_bwd):
+    """depths: (B,) loop counts. Returns (B, T) ints, T = max(depths): at step t sequence b
+    WAITs (keeps h_0), runs FORWARD only, or runs with GRAD (its activations kept)."""
+    raise NotImplementedError  # exercise 2: b runs the last depths[b] steps, with GRAD the last k
+
+
+def check_loop_schedule(fn):
+    cfg = model.Config(vocab_size=32, context=8, d_model=8, n_head=1, n_prelude=0, n_recurrent=1,
+                       n_coda=0, backprop_depth=3)
+    p = model.init_params(cfg, seed=0, dtype=np.float64, xp=np)
+    rng = np.random.default_rng(2)
+    ok = []
+    for depths in (np.array([2, 5, 1, 7, 3]), np.array([4, 4]), np.array([1, 9, 2])):
+        ids = rng.integers(0, 32, (len(depths), 8))
+        _, cache, diag = model.forward(p, cfg, ids, ids, depths=depths, rng=rng, train=True)
+        T = diag["steps"]
+        want = np.where(np.arange(T)[None, :] >= T - depths[:, None], FORWARD, WAIT)  # right-aligned
+        for t, step in zip(range(T - len(cache.steps), T), cache.steps):      # the model's own
+            rows = np.arange(len(depths)) if step.rows is None else step.rows
+            want[rows, t] = GRAD
+        ok.append(cmp(f"depths {depths.tolist()}", fn(depths, cfg.backprop_depth), want, rtol=0))
+    return all(ok)
+
+
+# %%
+def truncated_grads(a, b, e, h0, T, k):
+    """h_t = a·h_{t−1} + b·e for t = 1..T from h0, L = h_T, the state after T − k steps frozen.
+    Returns (dL/da, dL/db) through the last k steps."""
+    raise NotImplementedError  # exercise 3: walk back k steps: G = ∂L/∂h_t, starting at 1
+
+
+def check_truncated_grads(fn):
+    a, b, e, h0, T, eps = 0.9, 0.5, 1.3, 0.7, 6, 1e-6
+
+    def run(a_, b_, h, steps):
+        for _ in range(steps):
+            h = a_ * h + b_ * e
+        return h
+
+    ok = []
+    for k in (1, 3, T):          # k = T: nothing frozen, the full gradient
+        frozen = run(a, b, h0, T - k)            # h_{T−k} at the current a, b: a constant from now
+
+        def L(a_, b_):
+            return run(a_, b_, frozen, k)
+
+        want = [(L(a + eps, b) - L(a - eps, b)) / (2 * eps), (L(a, b + eps) - L(a, b - eps)) / (2 * eps)]
+        got = fn(a, b, e, h0, T, k)
+        ok += [cmp(f"dL/da, k = {k}", got[0], want[0], rtol=1e-7),
+               cmp(f"dL/db, k = {k}", got[1], want[1], rtol=1e-7)]
+    return all(ok)
+
+
+# %%
+EXERCISES = {1: (sample_depths, check_sample_depths), 2: (loop_schedule, check_loop_schedule),
+             3: (truncated_grads, check_truncated_grads)}
+
+# %%
 print("lesson 9 passed")

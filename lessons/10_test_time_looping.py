@@ -28,6 +28,9 @@ import numpy as np
 from minparcae import data, model
 from pictures import Panel, picture
 
+import exercise  # lessons/exercise.py
+exercise.grade_if_asked()  # with --exercise N: grade exercise N (the end of the lesson) and stop
+
 # %% [markdown]
 # ## 1. Fitting L(T) = L∞ + Z·e^(−zT)
 #
@@ -236,4 +239,66 @@ print("training FLOPs per token relative to μ_rec = 2:",
 assert lowest[8] < min(lowest[2], lowest[4])
 assert curves[8][0] > max(curves[2][0], curves[4][0])
 assert train_flops[2] < train_flops[4] < train_flops[8]
+
+# %% [markdown]
+# ## Exercises
+#
+# Write each function, then grade it (lesson 1 says how exercises work); grading trains nothing:
+#
+#     python lessons/10_test_time_looping.py --exercise 1              # or 2
+#     python lessons/10_test_time_looping.py --exercise 1 --solution   # lessons/solutions/ instead
+#
+# 1. `three_point_fit`: L(T) = L∞ + Z·e^(−zT) through three points at equally spaced T, exactly,
+#    with no grid: the differences of successive losses shrink by the same factor at every step.
+#    Graded on curves that fall, one that rises, and spacings other than 1, each parameter to 1e-9.
+# 2. `best_loop_count`: section 3 says when more loops stop paying; put a price on them. With
+#    every loop step costing `price` nats (say, what its compute could buy elsewhere), return the
+#    T ≥ 1 that minimises L(T) + price·T, from the law's parameters and without trying every T.
+#    Graded exactly against the best of T = 1..10⁵.
+
+# %%
+import numpy as np
+
+from exercise import cmp
+
+
+def three_point_fit(T, L):
+    """T: three loop counts t, t + s, t + 2s; L: the losses there. Returns (L∞, Z, z) of the law
+    L(T) = L∞ + Z·e^(−zT) through the three points."""
+    raise NotImplementedError  # exercise 1: (L₂ − L₃) / (L₁ − L₂) = e^(−zs)
+
+
+def check_three_point_fit(fn):
+    ok = []
+    for T, (L_inf, Z, z) in (((1, 2, 3), (3.2, 1.5, 0.7)), ((2, 5, 8), (3.8, 0.05, 0.31)),
+                             ((1, 3, 5), (2.0, -0.4, 1.1))):
+        L = L_inf + Z * np.exp(-z * np.array(T, dtype=np.float64))
+        got = fn(np.array(T), L)
+        curve = f"T {T[0]}, {T[1]}, {T[2]}"
+        ok += [cmp(f"L∞, {curve}", got[0], L_inf, rtol=1e-9), cmp(f"Z, {curve}", got[1], Z, rtol=1e-9),
+               cmp(f"z, {curve}", got[2], z, rtol=1e-9)]
+    return all(ok)
+
+
+# %%
+def best_loop_count(L_inf, Z, z, price):
+    """The integer T ≥ 1 minimising L∞ + Z·e^(−zT) + price·T (Z > 0, z > 0, price > 0)."""
+    raise NotImplementedError  # exercise 2: one more loop gains Z·e^(−zT)(1 − e^(−z))
+
+
+def check_best_loop_count(fn):
+    T = np.arange(1, 100_001)
+    ok = []
+    # the optimum of the continuous T, rounded, is off by one in the last case (2.45 rounds to 2)
+    for L_inf, Z, z, price in ((3.2, 1.5, 0.7, 0.01), (3.2, 1.5, 0.7, 2.0), (3.8, 0.05, 0.31, 1e-4),
+                               (3.0, 1.5, 0.05, 1e-6), (3.0, 1.0, 3.0, 0.0019)):
+        want = T[np.argmin(L_inf + Z * np.exp(-z * T) + price * T)]
+        ok.append(cmp(f"Z {Z:g}, z {z:g}, price {price:g}", fn(L_inf, Z, z, price), want, rtol=0))
+    return all(ok)
+
+
+# %%
+EXERCISES = {1: (three_point_fit, check_three_point_fit), 2: (best_loop_count, check_best_loop_count)}
+
+# %%
 print("lesson 10 passed")

@@ -34,6 +34,9 @@ from minparcae.gradcheck import check_grads, rel_error
 from minparcae.ops import injection
 from minparcae.ops.linear import rows_matmul, rows_t_matmul
 
+import exercise  # lessons/exercise.py
+exercise.grade_if_asked()  # with --exercise N: grade exercise N (the end of the lesson) and stop
+
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -371,14 +374,114 @@ assert err_init[K.index(4)] < 0.2 and err_slow[K.index(4)] > 0.5
 # %% [markdown]
 # ## Exercises
 #
-# 1. In loop_backward, replace `dh = A_bar * g` by `dh = g` (forget Ā on the state path). Which
-#    tensors does section 2 flag, and which stay exact? Does section 4's check at μ_bwd = 1 still
-#    pass, and why?
-# 2. Write the state path for the add and linear kinds (Ā = I; Ā = W_h, so G_{t−1} = G^x_t W_hᵀ
-#    and ∂ℓ/∂W_h = Σ_t h_{t−1}ᵀ G^x_t) and check them the same way against model.backward.
-# 3. Change the noise at the top from 0.1 to 0.3 (lesson 7's setting) and rerun. Which of the
-#    lesson's checks still hold? How far above ρ^k does err(k) move, and what does section 4's
-#    factor per step back say about the blocks' Jacobians then?
+# Write each function, then grade it (lesson 1 says how exercises work):
+#
+#     python lessons/11_loop_backward.py --exercise 1              # or 2
+#     python lessons/11_loop_backward.py --exercise 1 --solution   # lessons/solutions/ instead
+#
+# 1. `state_path`: section 1's state path for the two other injections, one step back through
+#    x_t = Ā h_{t−1} + u: for add Ā = I; for linear Ā = W_h, a full matrix applied to rows,
+#    x_t = h_{t−1} W_h + u, so G_{t−1} = G^x_t W_hᵀ, and W_h is shared by the steps like the blocks.
+#    The check walks a 6-step loop back with your function in place of the injection's backward
+#    and compares the loop's gradients with `model.backward`'s, as section 2 did.
+# 2. `discretisation_backward`: the end of section 1's walk, from ∂ℓ/∂Ā summed over the steps and
+#    the part of ∂ℓ/∂Δ that came through B̄ to ∂ℓ/∂A_log and ∂ℓ/∂dt_bias (Δ is in Ā and in B̄).
+#    Graded against `injection.state_backward` and `injection.input_backward` together.
+#
+# To explore after them: in loop_backward, replace `dh = A_bar * g` by `dh = g` (forget Ā on the
+# state path), and see which tensors section 2 flags and why section 4's check at μ_bwd = 1 still
+# passes; or raise the noise at the top from 0.1 to 0.3 and see how far err(k) moves above ρ^k.
+
+# %%
+from dataclasses import replace
+
+import numpy as np
+
+from exercise import cmp
+from minparcae import model
+from minparcae.gradcheck import rel_error
+from minparcae.ops import injection
+from minparcae.ops.linear import rows_matmul
+
+
+def state_path(kind, p, g, h_prev):
+    """One step back through x_t = Ā h_{t−1} + u for kind "add" or "linear": g = G^x_t = ∂ℓ/∂x_t,
+    h_prev = h_{t−1} (B, S, d_h). Returns (G_{t−1}, this step's ∂ℓ/∂W_h (d_h, d_h), None for add)."""
+    raise NotImplementedError  # exercise 1: add: G_{t−1} = G^x_t; linear: G^x_t W_hᵀ, Σ h_{t−1}ᵀ G^x_t
+
+
+def check_state_path(fn):
+    rng = np.random.default_rng(1)
+    ok = []
+    for kind in ("add", "linear"):
+        cfg = model.Config(vocab_size=64, context=16, d_model=16, n_head=2, n_prelude=1,
+                           n_recurrent=2, n_coda=1, injection=kind)
+        p = {k: v + 0.1 * rng.standard_normal(v.shape)
+             for k, v in model.init_params(cfg, seed=0, dtype=np.float64, xp=np).items()}
+        ids, targets = rng.integers(0, 64, (2, 8)), rng.integers(0, 64, (2, 8))
+        h0 = model.initial_state(cfg, (2, 8, cfg.d_h), "seeded", dtype=np.float64)
+        _, cache, _ = model.forward(p, replace(cfg, backprop_depth=6), ids, targets, n_loops=6,
+                                    h0=h0, train=True)
+        want = model.backward(p, cfg, cache)
+        # G_T: back from the loss through the read-out, the final norm, the coda and C
+        ops = cache.ops
+        dx = rows_matmul(ops.cross_entropy.backward(1.0, cache.loss)["logits"], p["wte"])
+        dx = ops.rmsnorm.backward(dx, cache.final_norm)["x"]
+        coda_grads = {k: np.zeros_like(v) for k, v in p.items()}  # needed by the call, not checked
+        for i in reversed(range(cfg.n_coda)):
+            dx, _ = model.block_backward(dx, cache.coda[i], f"coda.{i}", coda_grads, ops)
+        dh = ops.linear.backward(dx, cache.C)["x"]
+        # the loop, newest step first, with the learner's state path
+        grads = {k: np.zeros_like(v) for k, v in p.items() if k.startswith(("core.", "inject."))}
+        du = np.zeros_like(dh)
+        for step in reversed(cache.steps):
+            g = dh
+            for i in reversed(range(cfg.n_recurrent)):
+                g, _ = model.block_backward(g, step.blocks[i], f"core.{i}", grads, ops)
+            dh, dW_h = fn(kind, p, g, step.state.h)
+            if kind == "linear":
+                grads["inject.W"][:cfg.d_h] += dW_h
+            du += g
+        if kind == "linear":                      # W_e, through u = e W_e, once
+            grads["inject.W"] += injection.input_backward(du, cache.inject, p)["inject.W"]
+        for group in sorted({".".join(k.split(".")[:2]) for k in grads}):   # core.0, ..., inject.W
+            names = [k for k in grads if k.startswith(group + ".") or k == group]
+            worst = max(names, key=lambda k: rel_error(grads[k], want[k]))   # a line per block
+            label = worst if len(names) == 1 else (f"{group}, {len(names)} tensors"
+                                                   if rel_error(grads[worst], want[worst]) == 0
+                                                   else f"{worst}, the worst of {group}")
+            ok.append(cmp(f"{kind}: {label}", grads[worst], want[worst]))
+    return all(ok)
+
+
+# %%
+def discretisation_backward(dA_bar, d_delta_B, A_log, dt_bias):
+    """Ā = exp(−Δ a), a = exp(A_log), Δ = softplus(dt_bias), all (d_h,). dA_bar = ∂ℓ/∂Ā, d_delta_B =
+    the part of ∂ℓ/∂Δ that came through B̄ = Δ·B. Returns (∂ℓ/∂A_log, ∂ℓ/∂dt_bias)."""
+    raise NotImplementedError  # exercise 2: ∂Ā/∂A_log = −Ā Δ a, ∂Ā/∂Δ = −Ā a, softplus' = σ
+
+
+def check_discretisation_backward(fn):
+    rng = np.random.default_rng(2)
+    d, d_h = 5, 4
+    p = {"inject.A_log": rng.uniform(-2, 1, d_h), "inject.dt_bias": rng.uniform(-2, 2, d_h),
+         "inject.B": rng.standard_normal((d, d_h))}
+    h, e = rng.standard_normal((2, 3, d_h)), rng.standard_normal((2, 3, d))
+    u, c_in = injection.input_forward("diagonal", p, e)
+    _, c_state = injection.state_forward("diagonal", p, h, u)
+    dx = rng.standard_normal(h.shape)                     # ∂ℓ/∂x_t, the one step here
+    via_A = injection.state_backward(dx, c_state, p)
+    via_B = injection.input_backward(dx, c_in, p)        # u is used by the step: ∂ℓ/∂u = ∂ℓ/∂x
+    dA_bar = (dx * h).sum(axis=(0, 1))
+    d_delta_B = (dx * c_in.eB).sum(axis=(0, 1))
+    dA_log, ddt_bias = fn(dA_bar, d_delta_B, p["inject.A_log"], p["inject.dt_bias"])
+    return all([cmp("∂ℓ/∂A_log", dA_log, via_A["inject.A_log"]),
+                cmp("∂ℓ/∂dt_bias", ddt_bias, via_A["inject.dt_bias"] + via_B["inject.dt_bias"])])
+
+
+# %%
+EXERCISES = {1: (state_path, check_state_path),
+             2: (discretisation_backward, check_discretisation_backward)}
 
 # %%
 print("lesson 11 passed")

@@ -27,6 +27,9 @@ import numpy as np
 
 from minparcae import data, generate, model
 
+import exercise  # lessons/exercise.py
+exercise.grade_if_asked()  # with --exercise N: grade exercise N (the end of the lesson) and stop
+
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -341,18 +344,107 @@ assert abs(l_one - loss[-1]) < 0.005
 # %% [markdown]
 # ## Exercises
 #
-# 1. Rerun section 4's table with adaptive="state". Which ε gives about the same mean loop count
-#    as the KL rule at ε = 1e-3, and which rule has the lower loss at equal steps? Which is faster
-#    per step, and by how much (count the FLOPs as section 4 does)?
-# 2. Warm start: `generate.evaluate(..., warm_start=True, adaptive="kl", epsilon=1e-3)` starts each
-#    token's loop from the previous token's final state instead of the seeded h_0. Does it save
-#    loop steps on this model? Print the KL table of section 4 for a warm-started token and explain
-#    what you see.
-# 3. Past the context: `generate.long_text_losses(params, cfg, ids, past_context=...)` teacher
-#    forces a sequence longer than the context, with the cache sliding ("slide") or with the last
-#    cfg.context tokens recomputed for every new one ("recompute"). On validation windows three
-#    contexts long, where do the two agree exactly, how far apart are their losses after that, and
-#    how much faster is sliding?
+# Write each function, then grade it (lesson 1 says how exercises work); grading trains nothing:
+#
+#     python lessons/12_inference.py --exercise 1              # or 2, 3
+#     python lessons/12_inference.py --exercise 1 --solution   # lessons/solutions/ instead
+#
+# 1. `step_kl`: the KL rule's measure of section 4, KL(p_t ‖ p_{t−1}) for every token, from two
+#    steps' logits, finite whatever their size. Graded to 1e-10 against log-softmax by NumPy's
+#    `logaddexp`, and on logits that differ by a constant per row, where it must be 0.
+# 2. `exit_loop_counts`: the loop count of each token under the KL rule, given the logits every
+#    step t = 1..T_max would predict: stop after the first step t ≥ 2 whose KL is below ε, else run
+#    all T_max. Graded exactly, at ε = 0 (fixed depth) and at larger ε.
+# 3. `loops_that_fit`: section 1's formula turned round: the most loop steps a memory budget lets
+#    the KV cache of a batch hold, with a slot per (loop step, recurrent layer) in float32. Graded
+#    exactly against the sizes of `model.KVCache`s, for the tiny preset and for parcae-140m.
+
+# %%
+import numpy as np
+
+from exercise import cmp
+from minparcae import model
+
+
+def step_kl(logits_prev, logits):
+    """Two steps' logits (..., V). Returns KL(p ‖ p_prev) = Σ_v p_v (log p_v − log p_prev,v) per
+    token (...), with p = softmax(logits) and p_prev = softmax(logits_prev)."""
+    raise NotImplementedError  # exercise 1: log-softmax each, the row maximum out first
+
+
+def log_softmax(z):
+    return z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
+
+
+def kl_reference(z_prev, z):
+    lp = log_softmax(z)
+    return (np.exp(lp) * (lp - log_softmax(z_prev))).sum(axis=-1)
+
+
+def check_step_kl(fn):
+    rng = np.random.default_rng(1)
+    z_prev = 2 * rng.standard_normal((3, 4, 20))
+    z = z_prev + 0.5 * rng.standard_normal(z_prev.shape)
+    return all([cmp("KL", fn(z_prev, z), kl_reference(z_prev, z), rtol=1e-10),
+                cmp("KL, logits × 300", fn(300 * z_prev, 300 * z), kl_reference(300 * z_prev, 300 * z),
+                    rtol=1e-10),
+                cmp("KL, z + c per row", fn(z_prev, z_prev + 1e3 * rng.standard_normal((3, 4, 1))),
+                    np.zeros((3, 4)), rtol=1e-12)])
+
+
+# %%
+def exit_loop_counts(logits, eps):
+    """logits: (T_max, N, V), the prediction of each of N tokens after each step t = 1..T_max.
+    Returns (N,) ints: the loop count of each token under the KL rule with threshold eps."""
+    raise NotImplementedError  # exercise 2: step_kl of successive steps; the first t ≥ 2 below eps
+
+
+def check_exit_loop_counts(fn):
+    rng = np.random.default_rng(2)
+    T_max, N, V = 8, 12, 16
+    rates = rng.uniform(0.2, 0.9, N)                 # each token settles at its own pace
+    settled = 3 * rng.standard_normal((N, V))
+    noise = rng.standard_normal((T_max, N, V))
+    logits = settled + rates[None, :, None] ** np.arange(1, T_max + 1)[:, None, None] * 4 * noise
+    kl = np.r_[np.full((1, N), np.inf), kl_reference(logits[:-1], logits[1:])]   # (T_max, N)
+    ok = []
+    for eps in (0.0, 1e-3, 1e-2, 0.3):
+        below = (kl < eps) & (np.arange(1, T_max + 1)[:, None] >= 2)
+        want = np.where(below.any(axis=0), below.argmax(axis=0) + 1, T_max)
+        ok.append(cmp(f"ε = {eps:g}", fn(logits, eps), want, rtol=0))
+    return all(ok)
+
+
+# %%
+def loops_that_fit(cfg, budget_bytes, batch, context):
+    """The largest T whose float32 KV cache (a slot per prelude and coda layer, one per loop step
+    and recurrent layer) for `batch` sequences of `context` positions takes at most budget_bytes;
+    0 if not even T = 1 fits."""
+    raise NotImplementedError  # exercise 3: bytes/position = 4·2·[(n_p + n_c) H_kv hs + T n_r d_h]
+
+
+def check_loops_that_fit(fn):
+    def fits(cfg, T, budget, batch, context):
+        return model.KVCache(cfg, 1, 1, T).bytes_per_position() * batch * context <= budget
+
+    ok = []
+    for name, budget, batch in (("tiny", 2**20, 1), ("tiny", 2**24, 4), ("parcae-140m", 16 * 2**30, 8),
+                                ("parcae-140m", 2**20, 1)):
+        cfg = model.preset(name)
+        lo, hi = 0, 1                              # the largest T that fits, by bisection
+        while fits(cfg, hi, budget, batch, cfg.context):
+            lo, hi = hi, 2 * hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(cfg, mid, budget, batch, cfg.context) else (lo, mid)
+        ok.append(cmp(f"{name}, {budget / 2**20:g} MiB, B {batch}", fn(cfg, budget, batch, cfg.context),
+                      lo, rtol=0))
+    return all(ok)
+
+
+# %%
+EXERCISES = {1: (step_kl, check_step_kl), 2: (exit_loop_counts, check_exit_loop_counts),
+             3: (loops_that_fit, check_loops_that_fit)}
 
 # %%
 print("lesson 12 passed")

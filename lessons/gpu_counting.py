@@ -9,8 +9,6 @@ the kernel's `cuda.shared.array`s the same wrapper, so one launch yields exact c
 per block and per element. A GPU offers no such view: this module needs the simulator.
 """
 
-import argparse
-import importlib.util
 import inspect
 import linecache
 import sys
@@ -19,6 +17,8 @@ from contextlib import contextmanager
 
 import numpy as np
 from numba import config
+
+import exercise  # lessons/exercise.py, beside this file
 
 MAX_SHOWN = 8  # wrong elements listed by `report`; the rest are counted
 
@@ -231,34 +231,16 @@ def exercises(numbers, solutions_file):
     """Read `--exercise N [--solution]` from the command line and return `run_exercise(number,
     kernel, check)`: when N is `number`, it grades `kernel` (or, with --solution, the kernel of the
     same name in `solutions_file`) with `check(kernel) -> passed`, then ends the program, with exit
-    status 0 if it passed and 1 if not; for any other exercise, or none, it does nothing."""
-    parser = argparse.ArgumentParser(description="Run the lesson, or grade one of its exercises.")
-    parser.add_argument("--exercise", type=int, choices=numbers,
-                        help="run the lesson up to this exercise, grade your kernel and stop")
-    parser.add_argument("--solution", action="store_true",
-                        help="with --exercise: grade the solution instead of your kernel")
-    args, _ = parser.parse_known_args()  # a notebook's kernel passes arguments of its own
-    if args.solution and args.exercise is None:
-        parser.error("--solution goes with --exercise N: it grades the solution of exercise N")
+    status 0 if it passed and 1 if not; for any other exercise, or none, it does nothing. The
+    command line and the grading are lessons/exercise.py's, which the other lessons use too."""
+    chosen, use_solution = exercise.arguments(numbers)
 
     def run_exercise(number, kernel, check):
-        if args.exercise != number:
+        if chosen != number:
             return
-        name = kernel.py_func.__name__
-        if args.solution:
-            spec = importlib.util.spec_from_file_location("solutions", solutions_file)
-            solutions = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(solutions)
-            kernel = getattr(solutions, name)
-        try:
-            passed = check(kernel)
-        except NotImplementedError:
-            print(f"exercise {number}: `{name}` is not written yet: replace its `raise NotImplementedError` "
-                  "with your kernel.")
-            passed = False
-        except Exception as error:  # the simulator names the thread: tid=[x, y, z] ctaid=[x, y, z]
-            print(f"exercise {number}: `{name}` failed: {type(error).__name__}: {error}")
-            passed = False
+        # `report` prints the verdict; an error names the simulated thread: tid=[x, y, z] ctaid=[...]
+        passed = exercise.grade(number, kernel, check, solutions_file if use_solution else None,
+                                noun="kernel")
         sys.exit(0 if passed else 1)
 
     return run_exercise

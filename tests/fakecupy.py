@@ -35,6 +35,7 @@ writes it in place, strides included, as on a GPU.
 
 import sys
 import types
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -283,6 +284,23 @@ def install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     return cupy
+
+
+@contextmanager
+def installed():
+    """`install` for code outside pytest (lesson 1's exercise): the stand-in is `cupy` inside the
+    with block, and whatever was there before (CuPy itself, or nothing) comes back after it."""
+    before = {name: sys.modules.get(name) for name in ("cupy", "cupyx")}
+    cupy, cupyx = _make_modules()
+    sys.modules.update(cupy=cupy, cupyx=cupyx)
+    try:
+        yield cupy
+    finally:
+        for name, module in before.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
 
 
 def launch_kernels(monkeypatch):
