@@ -241,7 +241,7 @@ def test_decoding_benchmark_on_a_fresh_checkpoint(corpus, tmp_path, capsys):
         if len(cells) == 6 and cells[0] not in ("decoder", "---"):
             rows[cells[0]] = cells
     T = checkpoint.load_model(tmp_path / "run").cfg.mean_recurrence
-    assert len(rows) == len(bench.rows_for(T, 1e-2)) == 12
+    assert len(rows) == len(bench.rows_for(T, 1e-2, 0.1)) == 14
     loss = {k: float(v[3]) for k, v in rows.items()}
     assert loss[f"no cache, T={T}"] == loss[f"per-step cache, T={T}"]
     speculative = [k for k in rows if k.startswith("speculative")]
@@ -250,3 +250,8 @@ def test_decoding_benchmark_on_a_fresh_checkpoint(corpus, tmp_path, capsys):
     kv = {k: int(v[4].replace(",", "")) for k, v in rows.items() if v[4] != "—"}
     one, two, full = (kv[f"KL exit ε=0.01, ≤{2 * T}, {n}"] for n in ("1 slot", "2 slots", "per-step cache"))
     assert one < two < full == kv[f"per-step cache, T={2 * T}"]
+    assert kv[f"state exit ε=0.1, ≤{2 * T}, 1 slot"] == one
+    assert "Past the context" in out.read_text()
+    bench.main(["--ckpt", str(tmp_path / "run"), "--tokens", "2", "--repeats", "1", "--eval-batches",
+                "1", "--device", "cpu", "--long", "0", "--out", str(out)])
+    assert "Past the context" not in out.read_text()  # --long 0: no second table
