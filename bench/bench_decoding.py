@@ -5,9 +5,9 @@
 
 Rows (T = μ_rec unless named): no cache; the exact per-step cache at T and 2T; adaptive KL exit
 (at most 2T steps, threshold --epsilon) with the per-step cache, 2 slots and 1 slot per recurrent
-layer; the state exit (threshold --state-epsilon: a token stops once a loop step changes its state
-by less than that fraction), which needs no logits inside the loop, with the per-step cache and
-1 slot; warm start with and without the KL exit; self-speculative decoding at 2T with two draft
+layer; the state exit at each threshold of --state-epsilon (a token stops once a loop step changes
+its state by less than that fraction), which needs no logits inside the loop, with the per-step
+cache and 1 slot; warm start with and without the KL exit; self-speculative decoding at 2T with two draft
 depths and two γ. Columns:
 
   tokens/s            greedy generation of --tokens tokens from --prompt, batch 1, the median of
@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minparcae import backend, checkpoint, cli, data, generate, kernels
 
 
-def rows_for(T, epsilon, state_epsilon):
+def rows_for(T, epsilon, state_epsilons):
     """(label, generate options, evaluate options) of every row, T = μ_rec."""
     big = 2 * T
     rows = [(f"no cache, T={T}", dict(n_loops=T, cache=False), dict(n_loops=T)),
@@ -54,10 +54,10 @@ def rows_for(T, epsilon, state_epsilon):
     for slots, name in ((None, "per-step cache"), (2, "2 slots"), (1, "1 slot")):
         kw = dict(n_loops=big, kv_slots=slots, **exit_)
         rows.append((f"KL exit ε={epsilon:g}, ≤{big}, {name}", kw, kw))
-    state = dict(adaptive="state", epsilon=state_epsilon)
-    for slots, name in ((None, "per-step cache"), (1, "1 slot")):
-        kw = dict(n_loops=big, kv_slots=slots, **state)
-        rows.append((f"state exit ε={state_epsilon:g}, ≤{big}, {name}", kw, kw))
+    for state_epsilon in state_epsilons:
+        for slots, name in ((None, "per-step cache"), (1, "1 slot")):
+            kw = dict(n_loops=big, kv_slots=slots, adaptive="state", epsilon=state_epsilon)
+            rows.append((f"state exit ε={state_epsilon:g}, ≤{big}, {name}", kw, kw))
     for exit_kw, name in (({}, ""), (exit_, f" + KL exit ε={epsilon:g}")):
         kw = dict(n_loops=big, warm_start=True, **exit_kw)
         rows.append((f"warm start, T={big}{name}", kw, kw))
@@ -76,8 +76,9 @@ def main(argv=None):
     ap.add_argument("--tokens", type=cli.positive_int, default=200)
     ap.add_argument("--repeats", type=cli.positive_int, default=3)
     ap.add_argument("--epsilon", type=cli.nonneg_float, default=1e-2, help="KL exit threshold")
-    ap.add_argument("--state-epsilon", type=cli.nonneg_float, default=0.1,
-                    help="state exit threshold (relative change of the state per loop step)")
+    ap.add_argument("--state-epsilon", default="0.1,0.3",
+                    help="state exit thresholds, comma-separated (relative change of the state in "
+                         "one loop step)")
     ap.add_argument("--eval-batches", type=cli.positive_int, default=4)
     ap.add_argument("--device", default=None, choices=["cpu", "gpu", "auto"])
     ap.add_argument("--long", type=cli.nonneg_int, default=4,
@@ -85,6 +86,12 @@ def main(argv=None):
     ap.add_argument("--only-long", action="store_true", help="only the past-the-context table")
     ap.add_argument("--out", default=None, help="also write the tables to this Markdown file")
     args = ap.parse_args(argv)
+    try:
+        args.state_epsilon = [float(e) for e in args.state_epsilon.split(",")]
+    except ValueError:
+        ap.error(f"argument --state-epsilon: takes comma-separated numbers, not {args.state_epsilon!r}")
+    if min(args.state_epsilon) < 0:
+        ap.error("argument --state-epsilon: thresholds must not be negative")
     backend.use_device(args.device)
     loaded = checkpoint.load_model(args.ckpt)
     cfg, tok = loaded.cfg, loaded.tokenizer

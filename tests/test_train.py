@@ -241,7 +241,7 @@ def test_decoding_benchmark_on_a_fresh_checkpoint(corpus, tmp_path, capsys):
         if len(cells) == 6 and cells[0] not in ("decoder", "---"):
             rows[cells[0]] = cells
     T = checkpoint.load_model(tmp_path / "run").cfg.mean_recurrence
-    assert len(rows) == len(bench.rows_for(T, 1e-2, 0.1)) == 14
+    assert len(rows) == len(bench.rows_for(T, 1e-2, [0.1, 0.3])) == 16
     loss = {k: float(v[3]) for k, v in rows.items()}
     assert loss[f"no cache, T={T}"] == loss[f"per-step cache, T={T}"]
     speculative = [k for k in rows if k.startswith("speculative")]
