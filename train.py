@@ -1,7 +1,7 @@
 """Train a Parcae model.
 
     python train.py                                   # the tiny preset on the built-in corpus
-    python train.py --preset small-cpu --steps 3000   # bigger
+    python train.py --preset small-cpu --steps 1000 --out runs/small-cpu   # bigger, ~1 hour
     python train.py --data my_texts/ --out runs/mine  # your own text: a file, folder or .jsonl
     python train.py --out runs/mine --resume          # continue a run exactly where it stopped
     python train.py --init-from parcae-140m --data my_texts/ --out runs/ft --lr 3e-4
