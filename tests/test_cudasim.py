@@ -19,17 +19,9 @@ import cudasim
 from minparcae.ops import attention, cross_entropy, rmsnorm
 
 pytestmark = [pytest.mark.skipif(not cudasim.simulated(), reason="tests Numba's CUDA simulator"),
-              pytest.mark.filterwarnings("ignore:.*(under-utilization|copy overhead)")]
+              pytest.mark.filterwarnings("ignore:.*(under-utilization|copy overhead)"),
+              pytest.mark.usefixtures("fast_barriers")]  # conftest.py
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def fast_barriers():
-    """Frequent thread switches make the simulator's barriers about three times faster."""
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(interval)
 
 
 def close(a, b, tol=TOL):

@@ -45,14 +45,7 @@ def test_exercise_fails_unwritten_and_passes_with_the_solution(number, tmp_path)
 
 simulated_only = pytest.mark.skipif(not cudasim.simulated(),
                                     reason="counts accesses on Numba's CUDA simulator")
-
-
-@pytest.fixture(autouse=True)
-def fast_barriers():
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(interval)
+pytestmark = pytest.mark.usefixtures("fast_barriers")  # conftest.py
 
 
 @cuda.jit
