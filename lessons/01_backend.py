@@ -118,7 +118,8 @@ for dtype in (np.float32, np.float64):
 # Every op in minparcae/ops is the readable reference, and the model runs an `Ops` set of them:
 # `ops.REFERENCE` unless it is handed another. `kernels.select(device)` hands it a set in which a
 # few ops are replaced by compiled versions with the same functions and the same numbers (on the
-# CPU the attention core; on a GPU most ops, as CUDA kernels). The lessons explain the reference,
+# CPU the row-wise ops and the attention core, as Numba kernels; on a GPU most ops, as CUDA
+# kernels). The lessons explain the reference,
 # so they run exactly that, the default: nothing to switch off.
 
 # %%
