@@ -26,6 +26,7 @@ marked `agreed` and end normally.
 import contextlib
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -73,6 +74,9 @@ class Single:
     @contextlib.contextmanager
     def guard(self):
         yield
+
+
+ABORT_GRACE_S = 1.0  # seconds a failing rank waits, so that its message is printed, before MPI_Abort
 
 
 class MPIWorld(Single):
@@ -153,6 +157,9 @@ class MPIWorld(Single):
     def _abort(self, message):
         print(f"rank {self.rank} of {self.size}: {message}\nstopping every rank (MPI_Abort).",
               file=sys.stderr, flush=True)
+        # The launcher forwards a rank's output through a pipe and stops reading it once an abort
+        # reaches it; without a pause the message was lost about one time in thirty.
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(1)
 
 
