@@ -22,7 +22,7 @@ def test_law_fit_recovers_known_parameters(truth):
     T = np.arange(1, 17)
     f = law.fit_law(T, law.law(T, *truth))
     assert np.allclose([f["L_inf"], f["Z"], f["z"]], truth, rtol=1e-8, atol=1e-10)
-    assert f["mean_rel_error"] < 1e-12 and not f["at_bound"]
+    assert f["mean_error"] < 1e-12 and f["effect_error"] < 1e-10 and not f["at_bound"]
 
 
 def test_law_fit_with_noise_and_unordered_points():
@@ -31,7 +31,19 @@ def test_law_fit_with_noise_and_unordered_points():
     L = law.law(T, 3.5, 1.2, 0.3) + 1e-3 * rng.standard_normal(T.shape)
     f = law.fit_law(T, L)
     assert abs(f["L_inf"] - 3.5) < 5e-3 and abs(f["Z"] - 1.2) < 2e-2 and abs(f["z"] - 0.3) < 1e-2
-    assert f["mean_rel_error"] < 1e-3
+    assert f["mean_error"] < 1e-3 and f["effect_error"] < 2e-3
+
+
+def test_law_fit_error_is_measured_against_the_effect_of_looping():
+    """A flat line through a curve that falls 0.04 nats misses by a tiny fraction of L (about
+    0.4%) but by a large fraction of the effect; the law's own error stays a small fraction."""
+    T = np.arange(1, 17)
+    L = law.law(T, 3.8, 0.05, 0.7)
+    exact = law.fit_law(T, L)
+    assert exact["effect_error"] < 1e-10
+    noisy = law.fit_law(T, L + 5e-3 * np.where(T % 2 == 0, 1.0, -1.0))  # ±5e-3: 10-15% of 0.04
+    assert 0.05 < noisy["effect_error"] < 0.3
+    assert noisy["mean_error"] / L.mean() < 2e-3  # against L, the same fit looks near perfect
 
 
 def test_law_fit_flags_a_straight_line_and_rejects_bad_input():

@@ -29,8 +29,10 @@ def _solve(T, L, z):
 def fit_law(T, L, z_min=Z_MIN, z_max=Z_MAX, grid=400, tol=1e-12):
     """Least-squares (L∞, Z, z) for the points (T, L), with z searched in [z_min, z_max].
 
-    Returns a dict with L_inf, Z, z, the mean relative error of the fit over the points
-    (mean |fit − L| / L) and `at_bound` (True when the best z is an end of the range, i.e. the data
+    Returns a dict with L_inf, Z, z, the fit's mean error in nats over the points (mean |fit − L|),
+    that error as a fraction of the whole effect of looping (`effect_error`: mean |fit − L| over
+    |L(T_min) − L∞|, the gap between the fewest loops measured and the limit; a fit error quoted
+    against L itself would look small for any curve, a flat line's included) and `at_bound` (True when the best z is an end of the range, i.e. the data
     did not pin it down: a straight line, or a drop finished within the first point)."""
     T, L = np.asarray(T, dtype=np.float64), np.asarray(L, dtype=np.float64)
     if T.shape != L.shape or T.ndim != 1 or len(T) < 3:
@@ -56,8 +58,10 @@ def fit_law(T, L, z_min=Z_MIN, z_max=Z_MAX, grid=400, tol=1e-12):
     z = math.exp((lo + hi) / 2)
     (L_inf, Z), _ = _solve(T, L, z)
     fit = law(T, L_inf, Z, z)
-    return {"L_inf": float(L_inf), "Z": float(Z), "z": z,
-            "mean_rel_error": float(np.mean(np.abs(fit - L) / np.abs(L))),
+    mean_error = float(np.mean(np.abs(fit - L)))
+    effect = abs(float(L[np.argmin(T)]) - float(L_inf))
+    return {"L_inf": float(L_inf), "Z": float(Z), "z": z, "mean_error": mean_error,
+            "effect_error": mean_error / effect if effect > 0 else math.inf,
             "at_bound": i in (0, grid - 1)}
 
 

@@ -66,7 +66,7 @@ def fit_record(r):
 FIT_COLUMNS = [("model", "model", ""), ("μ_rec", "mu", "d"), ("L(1)", "L_1", ".4f"),
                ("L(μ_rec)", "L_mu", ".4f"), ("L(4μ_rec)", "L_4mu", ".4f"), ("best T", "best_T", "d"), ("L∞", "L_inf", ".4f"),
                ("Z", "Z", ".4f"), ("z", "z", ".4f"), ("T to plateau", "T_plateau", ".1f"),
-               ("fit mean rel. error", "mean_rel_error", ".1e"),
+               ("fit error (nats)", "mean_error", ".1e"), ("fit error / (L(1) − L∞)", "effect_error", ".1%"),
                ("gain 1 → μ_rec", "gain_to_mu", ".4f"), ("gain μ_rec → 4μ_rec", "gain_after_mu", ".4f")]
 
 
