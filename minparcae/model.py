@@ -358,14 +358,22 @@ def initial_state(cfg, shape, mode, rng=None, dtype=np.float32, xp=np, start=0):
         return xp.asarray(z, dtype=dtype)
     if mode == "seeded":
         T, d_h = shape[-2], shape[-1]
-        rows = [_truncated_normal(np.random.default_rng((EVAL_STATE_SEED, t)), (d_h,))
-                for t in range(start, start + T)]
+        rows = [_seeded_row(t, d_h) for t in range(start, start + T)]
         z = np.broadcast_to(np.stack(rows), shape)
     elif rng is None:
         raise ValueError("a random initial state needs an rng")
     else:
         z = _truncated_normal(rng, shape)
     return xp.asarray(z * init_std(cfg.d_model), dtype=dtype)
+
+
+@lru_cache(maxsize=2048)  # seeding a generator costs ~0.25 ms, far more than the draw: evaluation and
+# decoding ask for the same positions again and again (2,048 rows of d_h 768: 12 MB at most)
+def _seeded_row(t, d_h):
+    """Position t's 'seeded' initial state (before scaling), read-only: shared by every caller."""
+    z = _truncated_normal(np.random.default_rng((EVAL_STATE_SEED, t)), (d_h,))
+    z.flags.writeable = False
+    return z
 
 
 def _truncated_normal(rng, shape):
