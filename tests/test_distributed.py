@@ -5,6 +5,7 @@ without a launcher. Each run is a real `mpiexec -n 2 python train.py` on this ma
 
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -131,3 +132,27 @@ def test_one_process_imports_no_mpi(corpus, tmp_path):
                        capture_output=True, text=True, timeout=120, env=env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("no mpi4py")
+
+
+def test_ctrl_c_under_mpiexec_stops_every_rank_at_one_step_and_saves_it(corpus, tmp_path):
+    """Ctrl-C at the launcher reaches every rank; they agree on the step through the all-reduce,
+    rank 0 saves it, and the run resumes from there in one process."""
+    out = tmp_path / "run"
+    argv = train_args(corpus, out, "--steps", "100000", "--dtype", "float64")
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, str(ROOT / "train.py"), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    saved = [line for line in stderr.splitlines() if "checkpoint saved" in line]
+    assert len(saved) == 1 and saved[0].startswith("SIGINT at step "), stderr  # rank 0 alone speaks
+    assert "Traceback" not in stderr
+    step = int(saved[0].split("SIGINT at step ")[1].split(":")[0])
+    assert read_log(out)[-1]["step"] == step  # the log ends at the saved step
+    resumed = run(train_args(corpus, out, "--steps", str(step + 3), "--dtype", "float64", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in read_log(out)][-4:] == [step, step + 1, step + 2, step + 3]
