@@ -3,7 +3,6 @@ per-step losses and final weights at the same global batch and seed, a resume wi
 of ranks, a batch that does not divide, a failing rank taking the others down, and no MPI import
 without a launcher. Each run is a real `mpiexec -n 2 python train.py` on this machine's CPU."""
 
-import json
 import os
 import signal
 import shutil

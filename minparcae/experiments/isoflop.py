@@ -145,7 +145,7 @@ def verdict(rows):
         return text + (f" At {', '.join(unresolved)} the best μ_rec is not the lowest in every seed: "
                        f"its move ({moves}) is not resolved by these seeds.")
     if len(best) == 1:
-        return text + (f" The best μ_rec is the lowest in every seed; with one budget there is no "
+        return text + (" The best μ_rec is the lowest in every seed; with one budget there is no "
                        "move to measure (merge other budgets with --merge).")
     if len(set(mus)) == 1:
         return text + f" The best μ_rec is {mus[0]} at every budget, in every seed: it does not move."
