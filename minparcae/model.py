@@ -150,7 +150,7 @@ class Config:
 PRESETS = {
     # trains on a 2-core CPU in minutes
     "tiny": Config(),
-    # a ~10M-parameter model for a patient CPU or a quick GPU run
+    # a ~6M-parameter model for a patient CPU or a quick GPU run
     "small-cpu": Config(vocab_size=4096, context=256, d_model=256, n_head=4, n_prelude=2,
                         n_recurrent=2, n_coda=2),
     # the paper's sizes; all with μ_rec 8, μ_bwd 4, head size 128 and value embeddings
