@@ -19,9 +19,12 @@ the run's own split when it is on this machine), the validation loss at fixed de
 forward) and at adaptive depth (through the cached decoder). --kv-slots keeps fewer KV slots per
 recurrent layer than loop steps, --warm-start starts each token's loop from the previous token's
 final state, --speculative γ,T_draft drafts with the loop stopped early and verifies at the full
-depth (the same greedy output; the same distribution when sampling), and --past-context chooses
-how generation continues past the context: a sliding KV cache or recomputing the window (see
-minparcae/generate.py); with validation text the line gives the loss under each option. An official model evaluates from
+depth (the same greedy output; the same distribution when sampling; past the context it drafts
+nothing and decodes token by token), and --past-context chooses how generation continues past the
+context: a sliding KV cache or recomputing the window (see minparcae/generate.py;
+bench/bench_decoding.py measures the loss of each past the context). With validation text the line
+gives the loss under the exit rule, the KV slots and the warm start. On a fixed-depth baseline
+checkpoint these loop options do nothing and are dropped with a note. An official model evaluates from
 minparcae's fixed initial state per position (`eval_state` "seeded"), where the official code draws
 a fresh random one on every call, so the numbers here repeat exactly.
 """
@@ -39,17 +42,19 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", default="runs/default",
                     help="run folder or .npz checkpoint, or an official Parcae model folder "
-                         "(config.json, model.pt or model.safetensors, tokenizer.json)")
-    ap.add_argument("--prompt", default="def ")
+                         "(config.json, model.pt or model.safetensors, tokenizer.json); default runs/default")
+    ap.add_argument("--prompt", default="def ", help="text to continue (default 'def '; empty: the end-of-text token)")
     ap.add_argument("--loops", default=None, help="loop count, or a comma-separated list (default: μ_rec)")
-    ap.add_argument("--tokens", type=cli.nonneg_int, default=200)
-    ap.add_argument("--temperature", type=cli.nonneg_float, default=0.8, help="0: greedy")
-    ap.add_argument("--top-k", type=cli.nonneg_int, default=50, help="0: no top-k cut")
-    ap.add_argument("--top-p", type=cli.probability, default=None)
-    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
+    ap.add_argument("--tokens", type=cli.nonneg_int, default=200, help="tokens to generate per sample (default 200)")
+    ap.add_argument("--temperature", type=cli.nonneg_float, default=0.8, help="sampling temperature, 0 for greedy (default 0.8)")
+    ap.add_argument("--top-k", type=cli.nonneg_int, default=50, help="sample among the k likeliest tokens, 0 for all (default 50)")
+    ap.add_argument("--top-p", type=cli.probability, default=None,
+                    help="sample among the smallest set of tokens whose probability reaches p (default: no cut)")
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the sampling draws (default 0)")
     ap.add_argument("--adaptive", default=None, choices=["state", "kl"],
                     help="stop looping a token when its state or its prediction stops changing")
-    ap.add_argument("--epsilon", type=cli.nonneg_float, default=1e-3, help="threshold of --adaptive")
+    ap.add_argument("--epsilon", type=cli.nonneg_float, default=None,
+                    help="threshold of --adaptive (default 1e-3)")
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole window per token")
     ap.add_argument("--kv-slots", type=cli.positive_int, default=None,
                     help="KV slots per recurrent layer (default: one per loop step); step t uses slot t mod k")
@@ -60,7 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--past-context", default="slide", choices=["slide", "recompute"],
                     help="past the context: slide the KV cache (default) or recompute the window")
     ap.add_argument("--eval-batches", type=cli.positive_int, default=8,
-                    help="validation batches per loop count")
+                    help="validation batches per loop count (default 8)")
     ap.add_argument("--data", default=None,
                     help="text to measure the validation loss on (a file, a folder or .jsonl; "
                          "default: the run's own validation split, when it is on this machine)")
@@ -76,6 +81,9 @@ def parse_args(argv=None):
                      f"{args.loops!r}")
         if min(args.loops) < 1:
             ap.error("argument --loops: every loop count must be at least 1")
+    if args.epsilon is not None and not args.adaptive:
+        ap.error("--epsilon is the threshold of --adaptive: add --adaptive state or --adaptive kl")
+    args.epsilon = 1e-3 if args.epsilon is None else args.epsilon
     if args.no_cache and (args.adaptive or args.kv_slots or args.warm_start or args.speculative):
         ap.error("--adaptive, --kv-slots, --warm-start and --speculative need the cached generator: "
                  "drop --no-cache")
@@ -92,6 +100,8 @@ def parse_args(argv=None):
         if args.adaptive or args.kv_slots or args.warm_start:
             ap.error("--speculative runs at fixed depth with a KV slot per loop step: drop "
                      "--adaptive, --kv-slots and --warm-start")
+        if args.past_context != "slide":
+            ap.error("--speculative slides its cache past the context: drop --past-context recompute")
         args.speculative = (gamma, draft)
     return args
 
@@ -106,6 +116,13 @@ def main(argv=None):
     params = {k: backend.to_device(v) for k, v in loaded.params.items()}
     ops = kernels.for_array(params["wte"])
     loops = args.loops or [cfg.mean_recurrence]
+    if not cfg.looped:
+        ignored = [flag for flag, on in (("--loops", args.loops), ("--adaptive", args.adaptive),
+                                         ("--kv-slots", args.kv_slots), ("--warm-start", args.warm_start),
+                                         ("--speculative", args.speculative)) if on]
+        if ignored:
+            print(f"(a fixed-depth baseline has no loop: {', '.join(ignored)} dropped)")
+        loops, args.adaptive, args.kv_slots, args.warm_start, args.speculative = [1], None, None, False, None
     prompt = tok.encode(args.prompt) or [tok.eot_id]
 
     if args.data is not None:
@@ -120,9 +137,10 @@ def main(argv=None):
     if val is not None:
         window = min(cfg.context, len(val) - 1)
         val = list(data.iter_eval_batches(val, 8, window, args.eval_batches))
-    options = {"kv_slots": args.kv_slots, "warm_start": args.warm_start}
-    approximate = args.adaptive or args.kv_slots or args.warm_start
     for n in loops:
+        slots = args.kv_slots if args.kv_slots and args.kv_slots < n else None  # k ≥ n is exact
+        options = {"kv_slots": slots, "warm_start": args.warm_start}
+        approximate = args.adaptive or slots or args.warm_start
         t0 = time.perf_counter()
         stats = {}
         out, used = generate.generate(params, cfg, [prompt], args.tokens, n_loops=n,
@@ -142,6 +160,9 @@ def main(argv=None):
         if stats.get("drafted"):
             line += (f", {stats['accepted']} of {stats['drafted']} drafted tokens kept "
                      f"({stats['accepted'] / stats['drafted']:.0%})")
+        elif args.speculative:
+            line += ", nothing drafted (past the context a verify pass does not fit: token by token)"
+
         if val is not None:
             fixed, _ = generate.evaluate(params, cfg, val, n, ops=ops)
             line += f", val_loss {fixed:.4f}"
@@ -149,7 +170,7 @@ def main(argv=None):
                 loss, mean = generate.evaluate(params, cfg, val, n, args.adaptive, args.epsilon, ops,
                                                **options)
                 what = ", ".join(w for w, on in ((f"{args.adaptive} exit", args.adaptive),
-                                                 (f"{args.kv_slots} KV slots", args.kv_slots),
+                                                 (f"{slots} KV slots", slots),
                                                  ("warm start", args.warm_start)) if on)
                 line += f" at {n} loops, {loss:.4f} at {mean:.2f} loops per token ({what})"
         print(line)

@@ -64,8 +64,12 @@ cache), so the draft is the full model stopped early. Greedy decoding keeps a dr
 the full model's argmax, so the output equals plain greedy decoding at T; sampling keeps draft
 token d with probability min(1, p(d)/q(d)) and on a rejection draws from max(0, p − q) normalised
 (p: full model, q: draft, after temperature, top-k and top-p), which makes the output distribution
-exactly the full model's (Leviathan et al. 2023, Chen et al. 2023). One sequence at a time; near the
-end of the cache's capacity, where a verify pass no longer fits, it decodes token by token.
+exactly the full model's (Leviathan et al. 2023, Chen et al. 2023). One sequence at a time. A
+verify pass writes γ + 1 positions at once, which a sliding cache cannot take past its capacity
+(the chunk would overwrite keys its own earlier queries read), so once the cache is full (past the
+context, or from the start when the prompt fills the context) it decodes token by token at full
+depth, drafting nothing; `stats` counts the drafts and rounds. It slides past the context: there is
+no "recompute" variant.
 """
 
 import argparse
@@ -134,8 +138,10 @@ class Decoder:
                  capacity=None, rng=None, ops=REFERENCE, kv_slots=None, warm_start=False, slide=False):
         if adaptive not in ADAPTIVE:
             raise ValueError(f"adaptive depth must be 'state', 'kl' or None, not {adaptive!r}.")
-        if epsilon < 0 or (n_loops is not None and n_loops < 1):
-            raise ValueError("epsilon must not be negative and the loop count must be at least 1.")
+        if not epsilon >= 0:
+            raise ValueError(f"epsilon must not be negative, not {epsilon}.")
+        if n_loops is not None and n_loops < 1:
+            raise ValueError(f"the loop count must be at least 1, not {n_loops}.")
         if kv_slots is not None and kv_slots < 1:
             raise ValueError(f"kv_slots must be at least 1 (or None for one per loop step), not {kv_slots}.")
         # fused once: the weights stay the same for the Decoder's life (model.with_fused_qkv)
@@ -185,10 +191,13 @@ class Decoder:
             return (self.xp.concatenate([s[0] for s in steps], axis=1),
                     np.concatenate([s[1] for s in steps], axis=1))
         h0 = self._state if self.warm_start else None
+        start = self.kv.length
         logits, _, diag = model.forward(self.p, self.cfg, self.xp.asarray(ids),
                                         n_loops=n_loops or self.n_loops, h0=h0, rng=self.rng,
                                         ops=self.ops, kv=self.kv,
                                         exit_rule=self._exit if self.adaptive else None)
+        if n_loops is not None and n_loops < self.kv_slots:  # as if every row stopped there
+            self._lend_keys(np.arange(self.batch), n_loops - 1, start, ids.shape[1])
         if self.warm_start:
             self._state = diag["state"][:, -1:]
         return logits, np.broadcast_to(diag["loops"][:, None], ids.shape)
@@ -210,16 +219,17 @@ class Decoder:
                 change = xp.maximum((xp.exp(lp) * (lp - lq)).sum(axis=(1, 2)), 0)  # rounding
                 self._logits = model.put_rows(self._logits, idx, new)
         stop = to_host(change < self.epsilon)
-        self._lend_keys(rows[stop], t)
+        self._lend_keys(rows[stop], t, self.kv.length, 1)
         return stop
 
-    def _lend_keys(self, rows, t):
-        """Rows that stopped after step t lend their step-t keys and values to the core slots they
-        never wrote (t + 1 .. kv_slots − 1; with fewer slots than steps, usually none)."""
+    def _lend_keys(self, rows, t, start, n):
+        """Rows that stopped after step t lend the step-t keys and values of positions
+        start..start+n−1 to the core slots they never wrote (t + 1 .. kv_slots − 1; with fewer slots
+        than steps, usually none), so that a later token reading a deeper step finds them."""
         if len(rows) == 0 or t + 1 >= self.kv_slots:
             return
-        at = self.kv.index(self.kv.length)
-        rows, here = self.xp.asarray(rows), slice(at, at + 1)
+        at = self.kv.index(start)
+        rows, here = self.xp.asarray(rows), slice(at, at + n)
         for i in range(self.cfg.n_recurrent):
             k_t, v_t = self.kv.slots[f"core.{i}", t]
             for s in range(t + 1, self.kv_slots):
@@ -245,6 +255,38 @@ def _check_options(cfg, cache, adaptive, kv_slots, warm_start, past_context, spe
         if adaptive is not None or kv_slots is not None or warm_start:
             raise ValueError("speculative decoding runs at fixed depth with a slot per loop step: do "
                              "not combine it with adaptive depth, kv_slots or warm start.")
+        if past_context != "slide":
+            raise ValueError("speculative decoding slides its cache past the context: it has no "
+                             "past_context='recompute'.")
+
+
+def _check_sampling(cfg, ids, n_loops, temperature, top_k, top_p):
+    if n_loops is not None and (int(n_loops) != n_loops or n_loops < 1):
+        raise ValueError(f"the loop count must be a whole number of at least 1, not {n_loops}.")
+    if not temperature >= 0 or not np.isfinite(temperature):
+        raise ValueError(f"the temperature must be 0 (greedy) or positive, not {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (or None for no cut), not {top_k}.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (or None for no cut), not {top_p}.")
+    if ids.size and not 0 <= ids.min() <= ids.max() < cfg.vocab_size:
+        raise ValueError(f"prompt ids must lie in 0..{cfg.vocab_size - 1} (the vocabulary), not "
+                         f"{ids.min()}..{ids.max()}.")
+
+
+def _prompt_array(prompt):
+    """The prompt as a (B, T0) int64 array; rows of different lengths are refused."""
+    try:
+        ids = np.asarray(to_host(prompt))
+    except ValueError:  # NumPy refuses ragged rows
+        lengths = sorted({len(row) for row in prompt})
+        raise ValueError(f"every row of the prompt must hold the same number of tokens (there is no "
+                         f"padding), not {lengths}.") from None
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError("the prompt must hold at least one token per row.")
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"prompt ids must be integers, not {ids.dtype}.")
+    return ids.astype(np.int64)
 
 
 def generate(params, cfg, prompt, n_tokens, n_loops=None, temperature=1.0, top_k=None, top_p=None,
@@ -261,10 +303,9 @@ def generate(params, cfg, prompt, n_tokens, n_loops=None, temperature=1.0, top_k
     steps run per position ("position_steps"), and for speculative decoding the drafted and
     accepted tokens (batch totals). progress=True shows a bar on a terminal."""
     _check_options(cfg, cache, adaptive, kv_slots, warm_start, past_context, speculative)
+    ids = _prompt_array(prompt)
+    _check_sampling(cfg, ids, n_loops, temperature, top_k, top_p)
     rng = rng or np.random.default_rng(0)
-    ids = np.array(prompt, dtype=np.int64)
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError("the prompt must hold at least one token per row.")
     stats = {} if stats is None else stats
     if speculative is not None:
         return _speculative(params, cfg, ids, n_tokens, n_loops, *speculative, temperature, top_k,
@@ -391,6 +432,9 @@ def evaluate(params, cfg, batches, n_loops=None, adaptive=None, epsilon=1e-3, op
         return model.evaluate(params, cfg, batches, n_loops, ops), float(depth)
     total, total_loops, count = 0.0, 0.0, 0
     for x, y in batches:
+        if x.shape[1] > cfg.context:
+            raise ValueError(f"evaluation windows of {x.shape[1]} tokens are longer than the model's "
+                             f"context ({cfg.context}).")
         dec = Decoder(params, cfg, len(x), n_loops, adaptive, epsilon, capacity=x.shape[1], ops=ops,
                       kv_slots=kv_slots, warm_start=warm_start)
         steps = [dec.feed(x[:, i:i + 1]) for i in range(x.shape[1])]  # as generation reads them
@@ -412,6 +456,8 @@ def long_text_losses(params, cfg, ids, n_loops=None, past_context="slide", ops=R
     if past_context not in PAST_CONTEXT:
         raise ValueError(f"past_context must be 'slide' or 'recompute', not {past_context!r}.")
     ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 2:
+        raise ValueError(f"long_text_losses takes ids of shape (B, L), not {ids.shape}.")
     B, L = ids.shape
     if L <= cfg.context:
         raise ValueError(f"a long text must be longer than the context ({cfg.context}), not {L} tokens.")

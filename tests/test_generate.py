@@ -230,6 +230,51 @@ def test_errors_are_one_sentence():
         G.long_text_losses(p, cfg, np.ones((1, 16), int))
     with pytest.raises(ValueError, match="needs an rng"):
         G.evaluate(p, tiny_cfg(eval_state="like-init"), [(np.ones((1, 4), int),) * 2])
+    # what a caller of the API gets wrong: one sentence each, not NumPy's error or a silent default
+    bad = [(dict(prompt=[[1, 2, 3], [4, 5]]), "same number of tokens"),
+           (dict(speculative=(2, 1), past_context="recompute"), "no past_context='recompute'"),
+           (dict(n_loops=0), "loop count must be a whole number of at least 1, not 0"),
+           (dict(n_loops=0, cache=False), "at least 1, not 0"),
+           (dict(temperature=-1.0), "temperature must be 0"),
+           (dict(top_k=-3), "top_k must be at least 1"),
+           (dict(top_p=0.0), "top_p must be in"),
+           (dict(prompt=[[1, 50]]), "must lie in 0..49"),
+           (dict(prompt=[[-1, 2]]), "must lie in 0..49"),
+           (dict(prompt=[[1.5, 2.0]]), "must be integers")]
+    for kw, message in bad:
+        kw = {"prompt": [[1, 2]], **kw}
+        with pytest.raises(ValueError, match=message):
+            G.generate(p, cfg, kw.pop("prompt"), 3, **kw)
+    with pytest.raises(ValueError, match="epsilon must not be negative, not -1"):
+        G.Decoder(p, cfg, 1, epsilon=-1)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        G.evaluate(p, cfg, [(np.ones((1, 20), int),) * 2], adaptive="kl")
+    with pytest.raises(ValueError, match="ids of shape \\(B, L\\)"):
+        G.long_text_losses(p, cfg, np.ones(40, int))
+
+
+def test_a_shallow_feed_lends_its_last_steps_keys_to_the_deeper_slots():
+    """feed(ids, n_loops=k) below the decoder's depth leaves the core slots of steps k..T−1 unwritten
+    at those positions; they get step k−1's keys and values (as a token that exits early lends
+    them), so a later full-depth token reads those, never the cache's uninitialised memory."""
+    cfg = tiny_cfg()
+    p = perturbed_params(cfg)
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 7))
+    T, k = 4, 2
+    shallow = G.Decoder(p, cfg, 2, T)
+    for slot in shallow.kv.slots.values():  # what np.empty might hold
+        for a in slot:
+            a[...] = np.nan
+    shallow.feed(ids[:, :6], n_loops=k)
+    got = shallow.feed(ids[:, 6:])[0]
+    assert np.isfinite(got).all()
+    by_hand = G.Decoder(p, cfg, 2, T)
+    by_hand.feed(ids[:, :6], n_loops=k)
+    for i in range(cfg.n_recurrent):
+        for t in range(k, T):
+            for a, b in zip(by_hand.kv.slots[f"core.{i}", t], by_hand.kv.slots[f"core.{i}", k - 1]):
+                a[:, :, :6] = b[:, :, :6]
+    assert np.abs(got - by_hand.feed(ids[:, 6:])[0]).max() < LOGIT_TOL
 
 
 def test_the_decoder_is_the_models_own_code():

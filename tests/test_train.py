@@ -202,10 +202,26 @@ def test_sample_decoding_options(corpus, tmp_path, capsys):
     sample.main(base + ["--kv-slots", "1", "--warm-start", "--adaptive", "kl"])
     head = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("--- loops"))
     assert "(kl exit, 1 KV slots, warm start)" in head and "mean loops" in head
+    capsys.readouterr()
+    sample.main(base + ["--kv-slots", "8"])  # k ≥ the loop count is the exact per-step cache
+    head = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("--- loops"))
+    assert "KV slots" not in head
     for bad in (["--speculative", "3"], ["--speculative", "2,4"], ["--speculative", "2,1", "--kv-slots", "2"],
-                ["--no-cache", "--warm-start"], ["--kv-slots", "0"]):
+                ["--no-cache", "--warm-start"], ["--kv-slots", "0"], ["--epsilon", "0.1"],
+                ["--speculative", "2,1", "--past-context", "recompute"]):
         with pytest.raises(SystemExit):
             sample.main(base + bad)
+
+
+def test_sample_drops_loop_options_on_a_fixed_depth_checkpoint(corpus, tmp_path, capsys):
+    train.main(args(corpus, tmp_path, "--steps", "2", "--injection", "none"))
+    capsys.readouterr()
+    sample.main(["--ckpt", str(tmp_path), "--loops", "2,8", "--adaptive", "kl", "--kv-slots", "1",
+                 "--tokens", "5", "--eval-batches", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "(a fixed-depth baseline has no loop: --loops, --adaptive, --kv-slots dropped)" in out
+    heads = [line for line in out.splitlines() if line.startswith("--- loops")]
+    assert len(heads) == 1 and "mean loops" not in heads[0] and "KV slots" not in heads[0]
 
 
 def test_sample_without_the_data_still_samples(corpus, tmp_path, capsys):
