@@ -404,6 +404,10 @@ def test_bad_flags_are_rejected(corpus, tmp_path):
         looping.main(toy_args(corpus, tmp_path, "--loops", "0,4"))
     with pytest.raises(SystemExit):
         fixed_depth.main(toy_args(corpus, tmp_path, "--d-model", "15"))
+    for flag, value in (("--lr", "nan"), ("--lr", "0"), ("--steps", "0"), ("--n-recurrent", "0"),
+                        ("--n-coda", "-1"), ("--jobs", "1.5"), ("--mean-recurrence", "0")):
+        with pytest.raises(SystemExit):
+            fixed_depth.main(toy_args(corpus, tmp_path, flag, value))
 
 
 def test_a_missing_corpus_is_one_sentence(tmp_path):

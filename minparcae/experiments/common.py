@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .. import backend, data, files, kernels, model, optim
+from .. import backend, cli, data, files, kernels, model, optim
 
 SPIKE = 1.0  # nats above the best smoothed loss: a spike, and at the end of a run, a divergence
 
@@ -42,16 +42,16 @@ def parser(description, name, steps, seeds="0,1"):
                     help="folder for the table (.md, .csv), runs.json and the plot")
     ap.add_argument("--data", default=None, help="text file, folder or .jsonl (default: the Python "
                     "standard library's source, as in train.py)")
-    ap.add_argument("--vocab-size", type=int, default=2048)
+    ap.add_argument("--vocab-size", type=cli.positive_int, default=2048)
     ap.add_argument("--cache-dir", default=None, help="where tokenised corpora are kept")
-    ap.add_argument("--steps", type=int, default=steps, help="optimiser steps per run")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--d-model", type=int, default=64)
-    ap.add_argument("--n-head", type=int, default=2)
+    ap.add_argument("--steps", type=cli.positive_int, default=steps, help="optimiser steps per run")
+    ap.add_argument("--batch-size", type=cli.positive_int, default=16)
+    ap.add_argument("--context", type=cli.positive_int, default=64)
+    ap.add_argument("--d-model", type=cli.positive_int, default=64)
+    ap.add_argument("--n-head", type=cli.positive_int, default=2)
     ap.add_argument("--seeds", default=seeds, help="comma-separated seeds; each setting runs once per seed")
-    ap.add_argument("--eval-batches", type=int, default=16, help="validation batches per evaluation")
-    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own "
+    ap.add_argument("--eval-batches", type=cli.positive_int, default=16, help="validation batches per evaluation")
+    ap.add_argument("--jobs", type=cli.positive_int, default=1, help="runs trained at once, each in its own "
                     "process with one thread; on CPU set it to the number of cores")
     ap.add_argument("--device", default=None, choices=["cpu", "gpu", "auto"])
     ap.add_argument("--resume", action="store_true", help="keep the runs already finished in "
@@ -62,17 +62,7 @@ def parser(description, name, steps, seeds="0,1"):
 
 
 def parse(ap, argv=None):
-    args = ap.parse_args(argv)
-    for flag in ("steps", "batch_size", "context", "d_model", "n_head", "eval_batches", "jobs",
-                 "vocab_size"):
-        if getattr(args, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if getattr(args, "lr", 1.0) <= 0:
-        ap.error("--lr must be positive")
-    if min(getattr(args, "n_prelude", 0), getattr(args, "n_coda", 0)) < 0:
-        ap.error("--n-prelude and --n-coda must be at least 0")
-    if getattr(args, "n_recurrent", 1) < 1:
-        ap.error("--n-recurrent must be at least 1")
+    args = ap.parse_args(argv)  # every number was checked as it was parsed (cli's types)
     if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
         ap.error("--d-model must be a multiple of --n-head with an even head size (rotary).")
     try:
@@ -100,9 +90,10 @@ def number_list(ap, text, flag, cast=float):
 
 def model_flags(ap, lr, layout=(1, 2, 1)):
     """--lr and the block layout (--n-prelude, --n-recurrent, --n-coda) with these defaults."""
-    ap.add_argument("--lr", type=float, default=lr, help="peak learning rate (every model)")
-    for flag, n in zip(("--n-prelude", "--n-recurrent", "--n-coda"), layout):
-        ap.add_argument(flag, type=int, default=n)
+    ap.add_argument("--lr", type=cli.positive_float, default=lr, help="peak learning rate (every model)")
+    for flag, n, kind in zip(("--n-prelude", "--n-recurrent", "--n-coda"), layout,
+                             (cli.nonneg_int, cli.positive_int, cli.nonneg_int)):
+        ap.add_argument(flag, type=kind, default=n)
 
 
 def load_dataset(args):

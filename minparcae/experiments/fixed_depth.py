@@ -74,8 +74,8 @@ def configs(args, vocab_size):
 def main(argv=None):
     ap = common.parser(__doc__.split("\n\n")[0], "fixed_depth", steps=1500)
     common.model_flags(ap, lr=6e-3, layout=(1, 2, 1))
-    ap.add_argument("--mean-recurrence", type=int, default=4, help="μ_rec")
-    ap.add_argument("--backprop-depth", type=int, default=2, help="μ_bwd")
+    ap.add_argument("--mean-recurrence", type=cli.positive_int, default=4, help="μ_rec")
+    ap.add_argument("--backprop-depth", type=cli.positive_int, default=2, help="μ_bwd")
     ap.add_argument("--models", default="parcae,fixed,fixed-deep")
     ap.add_argument("--tokens", default=None, help="comma-separated training-token budgets, e.g. "
                     "1.5M,3M,4.6M (k, M, G suffixes or plain numbers); replaces --steps")

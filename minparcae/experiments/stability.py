@@ -33,8 +33,8 @@ def main(argv=None):
     ap = common.parser(__doc__.split("\n\n")[0], "stability", steps=300)
     ap.add_argument("--lrs", default="2e-3,6e-3,2e-2,6e-2", help="comma-separated peak learning rates")
     ap.add_argument("--injections", default=",".join(INJECTIONS))
-    ap.add_argument("--mean-recurrence", type=int, default=8, help="μ_rec")
-    ap.add_argument("--backprop-depth", type=int, default=4, help="μ_bwd")
+    ap.add_argument("--mean-recurrence", type=cli.positive_int, default=8, help="μ_rec")
+    ap.add_argument("--backprop-depth", type=cli.positive_int, default=4, help="μ_bwd")
     ap.add_argument("--clip", type=float, default=1.0,
                     help="global gradient-norm clip, as in train.py; inf turns clipping off")
     args = common.parse(ap, argv)
