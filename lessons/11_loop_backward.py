@@ -22,7 +22,9 @@
 # about like ρ(Ā)^j with its distance j from the end.
 #
 # Notation: ℓ is the loss, G_t = ∂ℓ/∂h_t the gradient that reaches the state after step t, T the
-# number of loop steps, S the sequence length.
+# number of loop steps, S the sequence length. The code names them the other way round: in
+# model.py and ops/injection.py, T is the sequence length (`B, T = ids.shape`) and S the loop steps
+# a batch runs.
 
 # %%
 from dataclasses import replace
@@ -70,6 +72,9 @@ cfg_full = replace(cfg, backprop_depth=T)  # μ_bwd = T: every loop step keeps i
 # $$ G_{t-1} = \bar A \odot G^x_t \qquad \text{the state path: one factor } \bar A \text{ per step} $$
 #
 # $$ \frac{\partial \ell}{\partial \bar A} \mathrel{+}= \sum_\text{rows} G^x_t \odot h_{t-1} \qquad \bar A \text{ is shared too: summed over steps} $$
+#
+# (Σ_rows runs over the B·S rows, every position of every sequence: Ā is one vector for all of
+# them.)
 #
 # $$ \frac{\partial \ell}{\partial u} \mathrel{+}= G^x_t \qquad u \text{ is the same array at every step} $$
 #
@@ -187,7 +192,7 @@ assert all(np.abs(ref[k]).max() > 0 for k in p)           # and no gradient is t
 # model.backward could share a mistake with the lesson (they call the same block backward), so
 # check against the loss itself: central differences (lesson 2) of model.forward's loss, with the
 # same initial state, on 4 random entries of each tensor along the loop's path. At ε = 1e-6 their
-# rounding error is about u·ℓ/ε ≈ 1e-9 in absolute terms, a few parts in 1e8 of gradients of this
+# rounding error is about 2⁻⁵³·ℓ/ε ≈ 1e-9 in absolute terms, a few parts in 1e8 of gradients of this
 # size. Allow 1e-6: a wrong gradient is off by O(1).
 
 
@@ -212,11 +217,13 @@ assert max(fd.values()) < 1e-6
 # $$ G_{T-j} = \bar A \odot J_{T-j+1}^\top (\bar A \odot J_{T-j+2}^\top ( \dots \bar A \odot J_T^\top G_T)) $$
 #
 # where J_t = ∂R/∂x at x_t is the blocks' Jacobian. Each block is x + (what it adds), so J_t is the
-# identity plus something, and if the blocks add little, G_{T−j} ≈ Ā^j ⊙ G_T, which is at most
+# identity plus something, and if the blocks added nothing, G_{T−j} would be Ā^j ⊙ G_T, at most
 # ρ(Ā)^j ‖G_T‖ in size (ρ(Ā) = max Ā). Step t's share c_t of the core gradient is made from G_t, so
 # it shrinks alike. The trace from loop_backward shows both, newest step first. Ā's entries differ
-# here (the noise moved A_log and dt_bias): the smaller ones die out first, and after a few steps
-# the largest, ρ(Ā), sets the pace.
+# here (the noise moved A_log and dt_bias): the smaller ones die out first, so the factor of one
+# step back climbs towards ρ(Ā), and then past it: the blocks' Jacobians add their own part, so
+# from about j = 6 on ‖G_{T−j}‖ is above ρ(Ā)^j ‖G_T‖, and the factor of each of the last steps
+# back is 10-26% above ρ(Ā).
 
 # %%
 rho = diag["rho"]
@@ -254,11 +261,13 @@ for k in (1, 4):
 # ## 5. Why truncation works, and when it does not
 #
 # The part truncation drops is the sum of the early shares. If every share were ρ^j times the
-# last one, dropping all but the last k would leave a relative error of about
+# last one (blocks that add nothing, shares pointing the same way), dropping all but the last k
+# would leave a relative error of
 #
-# $$ \frac{\rho^k - \rho^T}{1 - \rho^T} \approx \rho^k, $$
+# $$ \frac{\rho^k - \rho^T}{1 - \rho^T} \qquad \left(\to \frac{T - k}{T} \text{ as } \rho \to 1\right), $$
 #
-# so the error should fall geometrically with k, and faster for a smaller ρ(Ā). Measure it: for
+# about ρ^k for ρ well below 1: the error should fall geometrically with k, and faster for a
+# smaller ρ(Ā). Measure it: for
 # each injection, the core gradient g_k with μ_bwd = k against the full g_T, as
 #
 # $$ \mathrm{err}(k) = \frac{\lVert g_k - g_T \rVert_2}{\lVert g_T \rVert_2} \qquad \text{over all core tensors together,} $$
@@ -266,7 +275,7 @@ for k in (1, 4):
 # at T = 12. The rows share the block weights above; each injection keeps its own parameters at
 # their initial values (Ā = √(1/5) ≈ 0.447 in every coordinate for the diagonal kind), and three
 # more diagonal rows set Ā = ρ·I through dt_bias, Δ = −ln ρ at A_log = 0, to sweep ρ(Ā) over the
-# range the stability sweep of docs/RESULTS.md saw in training (0.47 to 0.96). The last row is
+# range the stability sweep of docs/RESULTS.md saw in training (0.47 to 0.96) and below it. The last row is
 # the linear kind after training has pushed its W_h out of the unit circle (W_h = I + noise, as in
 # lesson 8).
 
@@ -311,20 +320,27 @@ def num(x):
     return f"{x:.3f}" if x >= 1e-3 else f"{x:.0e}"
 
 
+def predicted(r, k):
+    """(ρ^k − ρ^T)/(1 − ρ^T), the error if every share were ρ times the next; (T − k)/T at ρ = 1."""
+    return (T - k) / T if abs(r - 1) < 1e-9 else (r ** k - r ** T) / (1 - r ** T)
+
+
 table = {}
-print(f"\nerr(k) of the core gradient at T = {T}, with ρ^k in brackets")
+print(f"\nerr(k) of the core gradient at T = {T}, with (ρ^k − ρ^T)/(1 − ρ^T) in brackets")
 print(f"  {'injection':16s} {'ρ':>6s}" + "".join(f"{'k = ' + str(k):>17s}" for k in K))
 for name, (c, q) in rows.items():
     r = injection.spectral_radius(c.injection, q)
     g_T = core_gradient(c, q, T)
     table[name] = r, np.array([np.linalg.norm(core_gradient(c, q, k) - g_T) for k in K]) / \
         np.linalg.norm(g_T)
-    print(f"  {name:16s} {r:6.3f}" + "".join(f"{num(e):>9s} ({num(r ** k):>5s})"
+    print(f"  {name:16s} {r:6.3f}" + "".join(f"{num(e):>9s} ({num(predicted(r, k)):>5s})"
                                              for k, e in zip(K, table[name][1])))
 
 # %% [markdown]
-# The diagonal rows, in order of ρ: the error falls with k in every row, and at every k it grows
-# with ρ.
+# The measured errors sit above the brackets in every diagonal row, more so as k grows: the
+# shares do not shrink by exactly ρ per step back (section 4 found the factor climbing past ρ), so
+# the early steps hold more than the formula gives them. The shape holds all the same. The diagonal
+# rows, in order of ρ: the error falls with k in every row, and at every k it grows with ρ.
 
 # %%
 rho_diag = np.array([table[n][0] for n in rows if n.startswith("diagonal")])    # (4,)
@@ -359,12 +375,13 @@ print(f"linear (init): ρ(W_h) = {table['linear (init)'][0]:.3f}, ‖W_h‖₂ =
 assert np.linalg.norm(W_h, 2) > 2 * table["linear (init)"][0]
 
 # %% [markdown]
-# What this means for training. At the diagonal kind's initial Ā ≈ 0.447, μ_bwd = 4 (the paper's
-# choice, with μ_rec = 8) leaves out about an eighth of the core gradient (err(4) above); at
-# ρ = 0.9 the same μ_bwd leaves out most of it. Training moves Ā (docs/RESULTS.md saw ρ(Ā) from
+# What this means for training. For this model at T = 12 and the diagonal kind's initial
+# Ā ≈ 0.447, μ_bwd = 4 (the paper's choice, with μ_rec = 8) leaves out about an eighth of the core
+# gradient (err(4) above); at ρ = 0.9 the same μ_bwd leaves out most of it. (A trained model at
+# μ_rec = 8 has other blocks and another Ā; the lesson measures the mechanism, not that number.) Training moves Ā (docs/RESULTS.md saw ρ(Ā) from
 # 0.47 to 0.96, higher at higher learning rates), so how close the truncated gradient stays to
 # the full one depends on where training takes Ā; the diagonal parameterisation keeps ρ(Ā) below
-# 1, where the error falls with k. Once the linear kind's W_h leaves the unit circle, the last few
+# 1, where the error falls geometrically with k. Once the linear kind's W_h leaves the unit circle, the last few
 # steps hold almost none of the gradient.
 
 # %%
@@ -379,18 +396,22 @@ assert err_init[K.index(4)] < 0.2 and err_slow[K.index(4)] > 0.5
 #     python lessons/11_loop_backward.py --exercise 1              # or 2
 #     python lessons/11_loop_backward.py --exercise 1 --solution   # lessons/solutions/ instead
 #
-# 1. `state_path`: section 1's state path for the two other injections, one step back through
-#    x_t = Ā h_{t−1} + u: for add Ā = I; for linear Ā = W_h, a full matrix applied to rows,
-#    x_t = h_{t−1} W_h + u, so G_{t−1} = G^x_t W_hᵀ, and W_h is shared by the steps like the blocks.
+# 1. `state_path`: section 1's state path for the two other injections, one step back. For add,
+#    x_t = h_{t−1} + u. For linear, x_t = h_{t−1} W_h + u with W_h = p["inject.W"][:d_h] (the
+#    rows of the injection's matrix that the state meets; h is a row vector here, so in section 1's
+#    column picture Ā is W_hᵀ), and W_h is shared by the steps like the blocks. Derive G_{t−1} and
+#    this step's ∂ℓ/∂W_h yourself: lesson 2 did the same for y = x W.
 #    The check walks a 6-step loop back with your function in place of the injection's backward
 #    and compares the loop's gradients with `model.backward`'s, as section 2 did.
 # 2. `discretisation_backward`: the end of section 1's walk, from ∂ℓ/∂Ā summed over the steps and
 #    the part of ∂ℓ/∂Δ that came through B̄ to ∂ℓ/∂A_log and ∂ℓ/∂dt_bias (Δ is in Ā and in B̄).
+#    Write it from the forward's definitions in the docstring, with section 1 closed.
 #    Graded against `injection.state_backward` and `injection.input_backward` together.
 #
 # To explore after them: in loop_backward, replace `dh = A_bar * g` by `dh = g` (forget Ā on the
-# state path), and see which tensors section 2 flags and why section 4's check at μ_bwd = 1 still
-# passes; or raise the noise at the top from 0.1 to 0.3 and see how far err(k) moves above ρ^k.
+# state path) and comment out the asserts of sections 2 and 3, then see which tensors section 2
+# flags and why section 4's check at μ_bwd = 1 still passes; or raise the noise at the top from 0.1
+# to 0.3 and see how far err(k) moves above the brackets.
 
 # %%
 from dataclasses import replace
@@ -407,7 +428,7 @@ from minparcae.ops.linear import rows_matmul
 def state_path(kind, p, g, h_prev):
     """One step back through x_t = Ā h_{t−1} + u for kind "add" or "linear": g = G^x_t = ∂ℓ/∂x_t,
     h_prev = h_{t−1} (B, S, d_h). Returns (G_{t−1}, this step's ∂ℓ/∂W_h (d_h, d_h), None for add)."""
-    raise NotImplementedError  # exercise 1: add: G_{t−1} = G^x_t; linear: G^x_t W_hᵀ, Σ h_{t−1}ᵀ G^x_t
+    raise NotImplementedError  # exercise 1
 
 
 def check_state_path(fn):
@@ -458,7 +479,7 @@ def check_state_path(fn):
 def discretisation_backward(dA_bar, d_delta_B, A_log, dt_bias):
     """Ā = exp(−Δ a), a = exp(A_log), Δ = softplus(dt_bias), all (d_h,). dA_bar = ∂ℓ/∂Ā, d_delta_B =
     the part of ∂ℓ/∂Δ that came through B̄ = Δ·B. Returns (∂ℓ/∂A_log, ∂ℓ/∂dt_bias)."""
-    raise NotImplementedError  # exercise 2: ∂Ā/∂A_log = −Ā Δ a, ∂Ā/∂Δ = −Ā a, softplus' = σ
+    raise NotImplementedError  # exercise 2
 
 
 def check_discretisation_backward(fn):
