@@ -189,7 +189,7 @@ def plot(rows, out):
             j = min(range(len(vals)), key=vals.__getitem__)
             ax.plot([mus[j]], [vals[j]], "*", color=f"C{i}", ms=14)
     ax.set(xscale="log", xlabel="μ_rec", ylabel="validation loss",
-           title="isoFLOP: validation loss against μ_rec (★: best per budget, bars: seed range)")
+           title="isoFLOP: validation loss against μ_rec\n(★: best per budget, bars: seed range)")
     ax.set_xticks(sorted({r["mu"] for r in rows}))
     ax.set_xticklabels([str(m) for m in sorted({r["mu"] for r in rows})])
     ax.minorticks_off()
